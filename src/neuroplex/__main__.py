@@ -1,0 +1,3 @@
+from neuroplex.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""Command-line interface: parse, validate, call. No logic of its own.
+
+User errors (config, data, checkpoint, arguments) exit with code 2 and one line on stderr;
+``neuroplex --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neuroplex.config import load_config, to_yaml
+from neuroplex.errors import ConfigError, NeuroplexError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="neuroplex: modular neural networks — train, evaluate, inspect.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
+app.add_typer(config_app, name="config")
+
+_debug = False
+out = Console(highlight=False)
+
+SetOption = Annotated[
+    Optional[list[str]],  # noqa: UP045 (typer needs Optional here on Python 3.10)
+    typer.Option("--set", help="override a config value: --set train.lr=3e-3 (repeatable)"),
+]
+
+
+def user_errors(fn):
+    """Turn NeuroplexError into one line on stderr and exit code 2 (unless --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NeuroplexError as e:
+            if _debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config file")] = None,  # noqa: UP045
+    overrides: SetOption = None,
+    run_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)"),
+    ] = None,
+    resume: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="continue the run in this directory from its last checkpoint"),
+    ] = None,
+    stop_after_epoch: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="end this session after N epochs (resume later)"),
+    ] = None,
+) -> None:
+    """Train a network; write config, metrics, checkpoints and summary to a run directory."""
+    from neuroplex.train.loop import train as run_training
+    from neuroplex.train.progress import default_progress
+
+    if resume is not None:
+        cfg = resume_config(resume, config, overrides)
+        target = resume
+    elif config is None:
+        raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR)")
+    else:
+        cfg = load_config(config, overrides)
+        target = run_dir or default_run_dir(cfg.output_dir, cfg.name)
+    print(f"run dir: {target}", file=sys.stderr)
+    summary = run_training(
+        cfg,
+        target,
+        resume=resume is not None,
+        stop_after_epoch=stop_after_epoch,
+        progress=default_progress(),
+    )
+    out.print(f"run dir: {target}")
+    out.print(f"summary: {target / 'summary.json'}")
+    out.print(f"status: {summary['status']}  test_acc: {_fmt(summary['test_acc'])}")
+
+
+def resume_config(run_dir: Path, config: Path | None, overrides: list[str] | None):
+    """The run's own config; a CONFIG or --set that would change it is refused."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(saved)
+    if config is not None or overrides:
+        asked = load_config(config or saved, overrides)
+        if to_yaml(asked) != to_yaml(cfg):
+            raise ConfigError(
+                f"--resume {run_dir}: the given config differs from the run's config.yaml; "
+                "a resumed run keeps its config (start a new run to change it)"
+            )
+    return cfg
+
+
+def default_run_dir(output_dir: Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = output_dir / f"{name}-{stamp}"
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = output_dir / f"{name}-{stamp}-{n}"
+    return candidate
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    split: Annotated[str, typer.Option(help="test | val | train")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+) -> None:
+    """Evaluate a run's checkpoint on a data split; print JSON."""
+    from neuroplex.train.loop import evaluate_run
+
+    result = evaluate_run(run_dir, split=split, which=checkpoint)
+    print(json.dumps(result, indent=2))
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="YAML config (default: the built-in defaults)"),
+    ] = None,
+    overrides: SetOption = None,
+    model: Annotated[
+        bool, typer.Option("--model", help="also show stages, shapes, params")
+    ] = False,
+) -> None:
+    """Print the fully resolved config (every option, defaults included)."""
+    cfg = load_config(file, overrides)
+    print(to_yaml(cfg), end="")
+    if model:
+        from neuroplex.data import load_dataset
+        from neuroplex.network import build_network, describe_network
+
+        data = load_dataset(cfg.data)
+        net = build_network(cfg.model, data.n_features, data.n_classes)
+        table = Table(title=f"model: {data.n_features} features -> {data.n_classes} classes")
+        for column in ("part", "module", "output", "params"):
+            table.add_column(column, justify="right" if column == "params" else "left")
+        for row in describe_network(net, data.n_features):
+            table.add_row(row["name"], row["module"], str(row["out"]), f"{row['params']:,}")
+        table.add_row("total", "", "", f"{net.num_parameters():,}")
+        out.print(table)
+
+
+@app.command()
+@user_errors
+def datasets() -> None:
+    """List the built-in datasets and what a user data file must contain."""
+    from neuroplex.data import describe_datasets
+
+    table = Table(title="datasets (config key data.name)")
+    for column in ("name", "samples", "features", "classes", "description"):
+        table.add_column(column)
+    for row in describe_datasets():
+        cells = [str(row.get(c, "")) for c in ("name", "samples", "features", "classes")]
+        table.add_row(*cells, str(row.get("description", "")))
+    out.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Run configuration: pydantic models, YAML loading, ``--set`` overrides, one-line errors.
+
+Every default lives here, so ``neuroplex config show`` prints every option a run uses.
+Errors name the dotted field, the value and what was expected::
+
+    config error: train.lr = -1.0: must be greater than 0
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from neuroplex.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base for all config sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(StrictModel):
+    name: Literal["mnist1d", "digits", "file"] = Field(
+        "mnist1d", description="dataset: mnist1d (generated offline), digits (scikit-learn), file"
+    )
+    path: Path | None = Field(None, description="for name=file: a .npz (arrays x, y) or .csv")
+    label_column: str | int = Field(
+        "label", description="for .csv files: the label column, by header name or 0-based index"
+    )
+    num_samples: int = Field(
+        5000, ge=100, description="mnist1d only: total samples (5000 = standard 4000/1000 split)"
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="fraction of the training split held out for validation"
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="digits/file only: fraction held out as the test split"
+    )
+    standardize: bool = Field(True, description="scale features with training-split statistics")
+    split_seed: int = Field(0, description="seed of the train/val/test split (fixed across runs)")
+
+    @model_validator(mode="after")
+    def _file_needs_path(self) -> DataConfig:
+        if self.name == "file" and self.path is None:
+            raise ValueError("data.path: missing: name=file needs a .npz or .csv path")
+        return self
+
+
+class DenseStageConfig(StrictModel):
+    """``layers`` blocks of Linear -> norm -> activation -> dropout, all of one width."""
+
+    kind: Literal["dense"] = "dense"
+    width: int = Field(256, ge=1, description="units per layer")
+    layers: int = Field(1, ge=1, description="Linear layers in the stage")
+    norm: Literal["layernorm", "batchnorm", "none"] = "layernorm"
+    activation: Literal["gelu", "relu", "tanh", "silu"] = "gelu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+# Later stage kinds (moe, sparse) join this union; the discriminator is ``kind``.
+StageConfig = Annotated[Union[DenseStageConfig], Field(discriminator="kind")]  # noqa: UP007
+
+
+def _four_dense_stages() -> list[DenseStageConfig]:
+    return [DenseStageConfig() for _ in range(4)]
+
+
+class ModelConfig(StrictModel):
+    stages: list[StageConfig] = Field(
+        default_factory=_four_dense_stages, min_length=1, description="ordered stages"
+    )
+
+
+class TrainConfig(StrictModel):
+    method: Literal["backprop"] = Field("backprop", description="training method")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="applied to weight matrices only")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
+    batch_size: int = Field(100, ge=1)
+    epochs: int = Field(20, ge=1, description="passes over the training split")
+    steps: int | None = Field(None, ge=1, description="if set, train this many steps instead")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr (cosine)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = off")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> TrainConfig:
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:
+                raise ValueError(f"train.betas.{i} = {b}: must be in [0, 1)")
+        return self
+
+
+class Config(StrictModel):
+    name: str = Field("run", min_length=1, description="run name (prefix of the run dir)")
+    seed: int = Field(0, description="the one seed: init, shuffling, dropout")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+    output_dir: Path = Field(Path("runs"), description="parent of run directories")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, overlaid with the YAML file (if any), then ``KEY=VALUE`` overrides; validated.
+    Raises ConfigError with a one-line message."""
+    raw = merge(Config().model_dump(mode="json"), read_yaml(path) if path is not None else {})
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: YAML parse error{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.0.c=value`` to the nested dict/list ``raw`` in place (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: value {text!r} is not a valid YAML scalar") from None
+    *parents, last = key.split(".")
+    node: Any = raw
+    walked: list[str] = []
+    for part in parents:
+        walked.append(part)
+        child = _child(node, part, walked, item)
+        if child is None:
+            child = {}
+            _assign(node, part, child, walked, item)
+        node = child
+    _assign(node, last, value, [*walked, last], item)
+
+
+def _child(node: Any, part: str, walked: list[str], item: str) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list):
+        return node[_list_index(node, part, walked, item)]
+    raise ConfigError(f"--set {item!r}: {'.'.join(walked[:-1])} is a value, not a section")
+
+
+def _assign(node: Any, part: str, value: Any, walked: list[str], item: str) -> None:
+    if isinstance(node, dict):
+        node[part] = value
+    elif isinstance(node, list):
+        node[_list_index(node, part, walked, item)] = value
+    else:
+        raise ConfigError(f"--set {item!r}: {'.'.join(walked[:-1])} is a value, not a section")
+
+
+def _list_index(node: list, part: str, walked: list[str], item: str) -> int:
+    path = ".".join(walked[:-1])
+    if not part.isdigit():
+        raise ConfigError(f"--set {item!r}: {path} is a list; {part!r} is not an index")
+    index = int(part)
+    if index >= len(node):
+        raise ConfigError(
+            f"--set {item!r}: {path} has {len(node)} entries; index {index} is out of range"
+        )
+    return index
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, raw)) from None
+
+
+def format_validation_error(
+    error: ValidationError, raw: Any, root: type[BaseModel] = Config
+) -> str:
+    """First error of ``error`` as ``dotted.path = value: what was expected``."""
+    first = error.errors()[0]
+    path, model = _clean_loc(first["loc"], raw, root)
+    dotted = ".".join(str(p) for p in path) or "(top level)"
+    kind, ctx, message = first["type"], first.get("ctx") or {}, first["msg"]
+    if kind == "extra_forbidden":
+        fields = list(model.model_fields) if model is not None else []  # model holding the key
+        hint = difflib.get_close_matches(str(path[-1]), fields, n=1)
+        suggestion = (
+            f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(fields)}"
+        )
+        return f"{dotted}: unknown key{suggestion}"
+    if kind == "missing":
+        return f"{dotted}: missing required value"
+    if kind == "union_tag_invalid":
+        return f"{dotted}.kind = {ctx.get('tag')!r}: must be one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"{dotted}.kind: missing; every stage needs a kind"
+    if kind == "value_error":
+        return str(ctx.get("error", message))
+    value = _lookup(raw, path)
+    expected = message.replace("Input should be", "must be").replace("Input ", "")
+    return f"{dotted} = {value!r}: {expected}"
+
+
+def _clean_loc(
+    loc: tuple, raw: Any, root: type[BaseModel]
+) -> tuple[list[str | int], type[BaseModel] | None]:
+    """Drop pydantic's union-tag entries from ``loc``; return the path and the model that holds
+    its last key."""
+    path: list[str | int] = []
+    model: type[BaseModel] | None = root
+    parent = model
+    for part in loc:
+        node = _lookup(raw, path)
+        if isinstance(part, str) and isinstance(node, dict) and node.get("kind") == part:
+            model = STAGE_CONFIGS.get(part)
+            continue
+        path.append(part)
+        if isinstance(part, int):
+            continue
+        parent = model
+        if model is not None and part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation)
+        else:
+            model = None
+    return path, parent
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``annotation`` (Config, list[Config], Config | None)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _lookup(raw: Any, path: list[str | int]) -> Any:
+    node = raw
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+STAGE_CONFIGS: dict[str, type[BaseModel]] = {"dense": DenseStageConfig}
+
+
+def to_yaml(config: Config) -> str:
+    """The fully resolved config as YAML (every option, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,151 @@
+"""Network = ordered stages + a head, and the builders that make one from config.
+
+A *stage* is the unit of local learning (gradient-isolation boundary), of checkpointing and of
+parallelism. Any ``nn.Module`` can be a stage if it maps ``[b, d_in] -> [b, d_out]``, exposes
+``d_out``, and returns either a tensor or a :class:`StageOutput` (when it has side losses, as a
+gated mixture of experts does).
+
+Shape legend: ``b`` batch, ``d`` features, ``c`` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from neuroplex.config import DenseStageConfig, ModelConfig
+from neuroplex.layers import DenseStage
+
+
+class StageOutput(NamedTuple):
+    """What a stage with side results returns."""
+
+    x: Tensor  # [b, d_out]
+    aux_loss: Tensor  # scalar, added to the training loss
+    stats: dict[str, Tensor]  # per-step statistics to log (e.g. expert load)
+
+
+class NetworkOutput(NamedTuple):
+    """Result of :meth:`Network.forward_stages`."""
+
+    logits: Tensor  # [b, c]
+    features: list[Tensor]  # one [b, d_s] per stage
+    aux_loss: Tensor  # scalar: sum of the stages' aux losses (0 when none)
+    stats: dict[str, Tensor]  # "stage{i}.{name}" -> value
+
+
+def run_stage(stage: nn.Module, x: Tensor) -> StageOutput:
+    """Call ``stage`` and normalise its result to a StageOutput."""
+    out = stage(x)
+    if isinstance(out, StageOutput):
+        return out
+    return StageOutput(out, out.new_zeros(()), {})
+
+
+class Network(nn.Module):
+    """Ordered ``stages`` followed by ``head``.
+
+    Args:
+        stages: modules, each ``[b, d_s-1] -> [b, d_s]``.
+        head: classifier ``[b, d_last] -> [b, c]``.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        if not stages:
+            raise ValueError("Network needs at least one stage")
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[b, d] -> [b, c]`` logits."""
+        for stage in self.stages:
+            x = run_stage(stage, x).x
+        return self.head(x)
+
+    def forward_stages(self, x: Tensor) -> NetworkOutput:
+        """Logits plus every stage's output, the summed aux losses and the stage statistics."""
+        features: list[Tensor] = []
+        aux_loss = x.new_zeros(())
+        stats: dict[str, Tensor] = {}
+        for i, stage in enumerate(self.stages):
+            x, stage_aux, stage_stats = run_stage(stage, x)
+            features.append(x)
+            aux_loss = aux_loss + stage_aux
+            stats.update({f"stage{i}.{k}": v for k, v in stage_stats.items()})
+        return NetworkOutput(self.head(x), features, aux_loss, stats)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# builders: config -> modules. One explicit registry; later stage kinds add one entry each.
+
+NORMS: dict[str, type[nn.Module] | None] = {
+    "layernorm": nn.LayerNorm,
+    "batchnorm": nn.BatchNorm1d,
+    "none": None,
+}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+
+
+def build_dense_stage(cfg: DenseStageConfig, d_in: int) -> nn.Module:
+    return DenseStage(
+        d_in,
+        cfg.width,
+        cfg.layers,
+        norm_layer=NORMS[cfg.norm],
+        act_layer=ACTIVATIONS[cfg.activation],
+        dropout=cfg.dropout,
+    )
+
+
+StageBuilder = Callable[[Any, int], nn.Module]
+STAGE_BUILDERS: dict[str, StageBuilder] = {"dense": build_dense_stage}
+
+
+def register_stage(kind: str, builder: StageBuilder) -> None:
+    """Add a stage kind; a duplicate name is an error."""
+    if kind in STAGE_BUILDERS:
+        raise ValueError(f"stage kind {kind!r} is already registered")
+    STAGE_BUILDERS[kind] = builder
+
+
+def build_network(cfg: ModelConfig, n_features: int, n_classes: int) -> Network:
+    """Build stages in order (each sees the previous one's ``d_out``), then a linear head."""
+    stages = []
+    d = n_features
+    for stage_cfg in cfg.stages:
+        stage = STAGE_BUILDERS[stage_cfg.kind](stage_cfg, d)
+        stages.append(stage)
+        d = stage.d_out
+    return Network(stages, nn.Linear(d, n_classes))
+
+
+def describe_network(model: Network, n_features: int) -> list[dict[str, Any]]:
+    """One row per stage and the head: name, output shape, parameter count."""
+    rows = []
+    x = torch.zeros(2, n_features)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_stages(x)
+    model.train(was_training)
+    parts = [*model.stages, model.head]
+    shapes = [f.shape[1:] for f in out.features] + [out.logits.shape[1:]]
+    for i, (part, shape) in enumerate(zip(parts, shapes, strict=True)):
+        name = f"stage{i}" if i < len(model.stages) else "head"
+        params = sum(p.numel() for p in part.parameters())
+        rows.append(
+            {"name": name, "module": type(part).__name__, "out": list(shape), "params": params}
+        )
+    return rows

@@ -1,0 +1,186 @@
+"""Checkpoints without pickle: tensors in safetensors, scalars and RNG states in JSON, atomic.
+
+Layout inside a run directory::
+
+    checkpoints/
+      index.json            {"last": "epoch-0004", "best": "epoch-0003"}
+      epoch-0004/tensors.safetensors
+      epoch-0004/state.json  (includes the sha256 of tensors.safetensors)
+
+A checkpoint directory is written under a temporary name, fsynced and renamed into place; only
+then is ``index.json`` replaced (atomically), and only then are unreferenced directories removed.
+A process killed at any instant leaves ``index.json`` pointing at complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from neuroplex.errors import CheckpointError
+from neuroplex.files import atomic_write_json, current_umask, fsync_dir
+
+FORMAT_VERSION = 1
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+INDEX = "index.json"
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, name: str, ckpt: Checkpoint, *, best: bool) -> Path:
+    """Write ``ckpt`` as ``checkpoints/<name>``, make it ``last`` (and ``best`` if asked)."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 directories
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
+    save_file(tensors, str(tmp / TENSORS))
+    state = {**ckpt.state, "format": FORMAT_VERSION, "sha256": _sha256(tmp / TENSORS)}
+    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    for f in (TENSORS, STATE):
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    target = root / name
+    if target.exists():  # left by a run killed after the rename but before the index update
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    fsync_dir(root)
+    index = read_index(run_dir) if (root / INDEX).exists() else {}
+    index["last"] = name
+    if best or "best" not in index:
+        index["best"] = name
+    atomic_write_json(root / INDEX, index)
+    _remove_unreferenced(root, set(index.values()))
+    return target
+
+
+def read_index(run_dir: str | os.PathLike) -> dict[str, str]:
+    path = checkpoint_root(run_dir) / INDEX
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no checkpoint found (missing {path})")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupted (not valid JSON)") from None
+    if not isinstance(index, dict) or "last" not in index:
+        raise CheckpointError(f"{path}: corrupted (expected keys 'last' and 'best')")
+    return index
+
+
+def load_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Checkpoint:
+    """Read and verify ``which`` ('last' or 'best'); raise CheckpointError if anything is off."""
+    index = read_index(run_dir)
+    if which not in index:
+        raise CheckpointError(f"{run_dir}: no '{which}' checkpoint (have: {', '.join(index)})")
+    ckpt_dir = checkpoint_root(run_dir) / index[which]
+    try:
+        state = json.loads((ckpt_dir / STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: missing {STATE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{ckpt_dir / STATE}: corrupted (not valid JSON)") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{ckpt_dir}: format {state.get('format')!r}, this neuroplex reads {FORMAT_VERSION}"
+        )
+    path = ckpt_dir / TENSORS
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: missing {TENSORS}")
+    if _sha256(path) != state.get("sha256"):
+        raise CheckpointError(f"{path}: corrupted (checksum does not match {STATE})")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    return Checkpoint(tensors, state)
+
+
+def load_module_state(module: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
+    """Load ``prefix``-ed tensors into ``module`` after checking every key and shape first,
+    so a mismatch never leaves a half-loaded module."""
+    expected = module.state_dict()
+    found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(
+            f"checkpoint does not match the model ({what}); was it written with another config?"
+        )
+    for key, value in expected.items():
+        if found[key].shape != value.shape or found[key].dtype != value.dtype:
+            raise CheckpointError(
+                f"checkpoint does not match the model: {prefix}{key} has shape "
+                f"{tuple(found[key].shape)} {found[key].dtype}, the model expects "
+                f"{tuple(value.shape)} {value.dtype}; was it written with another config?"
+            )
+    module.load_state_dict(found)
+
+
+def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict]:
+    """Split an optimizer's state_dict into tensors (safetensors) and JSON-able scalars."""
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        scalars[str(idx)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}{idx}.{key}"] = value
+            else:
+                scalars[str(idx)][key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(
+    opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict, prefix: str
+) -> None:
+    """Inverse of :func:`optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for idx, scalars in meta["scalars"].items():
+        state[int(idx)] = dict(scalars)
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            idx, name = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    groups = [
+        {**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]
+    ]
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state does not match the model: {e}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_unreferenced(root: Path, keep: set[str]) -> None:
+    for child in root.iterdir():
+        if child.is_dir() and child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)

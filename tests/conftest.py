@@ -1,0 +1,31 @@
+"""Shared fixtures: an isolated dataset cache and a tiny, fast config."""
+
+from __future__ import annotations
+
+import pytest
+
+from neuroplex.config import Config, load_config
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own NEUROPLEX_CACHE, shared within a session for speed."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("NEUROPLEX_CACHE", str(cache))
+    return cache
+
+
+TINY_OVERRIDES = [
+    "name=tiny",
+    "data.name=digits",
+    "model.stages=[{kind: dense, width: 32, dropout: 0.1}, {kind: dense, width: 16}]",
+    "train.epochs=3",
+    "train.batch_size=64",
+    "train.lr=0.01",
+]
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """Two small dense stages on scikit-learn digits, 3 epochs: trains in about a second."""
+    return load_config(None, TINY_OVERRIDES)
