@@ -26,7 +26,8 @@ class StrictModel(BaseModel):
 
 class DataConfig(StrictModel):
     name: Literal["mnist1d", "digits", "file"] = Field(
-        "mnist1d", description="dataset: mnist1d (generated offline), digits (scikit-learn), file"
+        "mnist1d",
+        description="dataset; mnist1d is generated offline, digits ships with scikit-learn",
     )
     path: Path | None = Field(None, description="for name=file: a .npz (arrays x, y) or .csv")
     label_column: str | int = Field(
@@ -54,12 +55,14 @@ class DataConfig(StrictModel):
 class DenseStageConfig(StrictModel):
     """``layers`` blocks of Linear -> norm -> activation -> dropout, all of one width."""
 
-    kind: Literal["dense"] = "dense"
+    kind: Literal["dense"] = Field("dense", description="stage kind")
     width: int = Field(256, ge=1, description="units per layer")
     layers: int = Field(1, ge=1, description="Linear layers in the stage")
-    norm: Literal["layernorm", "batchnorm", "none"] = "layernorm"
+    norm: Literal["layernorm", "batchnorm", "none"] = Field(
+        "layernorm", description="normalisation after each Linear"
+    )
     activation: Literal["gelu", "relu", "tanh", "silu"] = "gelu"
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each activation")
 
 
 # Later stage kinds (moe, sparse) join this union; the discriminator is ``kind``.
@@ -78,19 +81,21 @@ class ModelConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     method: Literal["backprop"] = Field("backprop", description="training method")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.01, ge=0, description="applied to weight matrices only")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adamw only")
-    batch_size: int = Field(100, ge=1)
+    batch_size: int = Field(100, ge=1, description="training batch size")
     epochs: int = Field(20, ge=1, description="passes over the training split")
     steps: int | None = Field(None, ge=1, description="if set, train this many steps instead")
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning-rate decay after warmup"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr (cosine)")
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = off")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy smoothing")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
 
     @model_validator(mode="after")
@@ -104,7 +109,7 @@ class TrainConfig(StrictModel):
 class Config(StrictModel):
     name: str = Field("run", min_length=1, description="run name (prefix of the run dir)")
     seed: int = Field(0, description="the one seed: init, shuffling, dropout")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
     output_dir: Path = Field(Path("runs"), description="parent of run directories")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -292,3 +297,41 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {"dense": DenseStageConfig}
 def to_yaml(config: Config) -> str:
     """The fully resolved config as YAML (every option, defaults included)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """Markdown table of every config key, its default and its meaning (for the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    sections: list[tuple[str, Any]] = [("", Config)]
+    sections += [(f"{k}.", _model_in(f.annotation)) for k, f in Config.model_fields.items()]
+    sections = [(prefix, model) for prefix, model in sections if model is not None]
+    sections += [("model.stages.N.", m) for m in STAGE_CONFIGS.values()]
+    for prefix, model in sections:
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                continue  # a section: its keys have their own rows
+            shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=1000).strip()
+            shown = shown.removesuffix("...").strip()
+            meaning = (field.description or "").replace("|", "\\|")
+            literal = _literal_values(field.annotation)
+            if literal and literal not in meaning:
+                meaning = f"{meaning} ({literal})" if meaning else literal
+            rows.append(f"| `{prefix}{name}` | `{shown}` | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return f"{len(value)} x {value[0].kind}"
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _literal_values(annotation: Any) -> str:
+    if getattr(annotation, "__origin__", None) is Literal:
+        return " / ".join(str(a) for a in annotation.__args__)
+    return ""

@@ -1,0 +1,100 @@
+"""Measure the README's results table and learning-curve plot (``make results``).
+
+Trains each shipped baseline config for several seeds, then writes
+``docs/results.json``, ``docs/results.md`` (the table) and ``docs/learning_curve.png``.
+
+    python scripts/measure_results.py [--seeds 3] [--out runs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from neuroplex.config import load_config  # noqa: E402
+from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from neuroplex.train import train  # noqa: E402
+from neuroplex.train.progress import PlainProgress  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = ["configs/mnist1d_mlp.yaml", "configs/digits_mlp.yaml"]
+
+
+def run_all(seeds: int, out: Path) -> dict:
+    results = {}
+    for config in CONFIGS:
+        runs = []
+        for seed in range(seeds):
+            cfg = load_config(REPO / config, [f"seed={seed}"])
+            run_dir = out / f"{cfg.name}-seed{seed}"
+            print(f"== {config} seed {seed} -> {run_dir}", flush=True)
+            summary = train(cfg, run_dir, progress=PlainProgress())
+            runs.append({"run_dir": str(run_dir), **summary})
+        results[config] = runs
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| config | dataset (train/val/test) | params | test acc, mean ± std (seeds) | "
+        "train time per run | activation memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for config, runs in results.items():
+        accs = [100 * r["test_acc"] for r in runs]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        d = runs[0]["dataset"]
+        seconds = statistics.mean(r["train_time_s"] for r in runs)
+        lines.append(
+            f"| `{config}` | {d['name']} ({d['train']}/{d['val']}/{d['test']}) | "
+            f"{runs[0]['params']:,} | {statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
+            f"{seconds:.0f} s | {runs[0]['activation_bytes_peak'] / 2**20:.2f} MiB |"
+        )
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return "\n".join(lines) + f"\n\nMeasured by `scripts/measure_results.py` on {machine}.\n"
+
+
+def plot(run_dir: Path, path: Path) -> None:
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(steps, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(steps, [r["val_loss"] for r in rows], label="validation")
+    ax_loss.plot(steps, [r["test_loss"] for r in rows], label="test")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    for key, label in (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")):
+        ax_acc.plot(steps, [100 * r[key] for r in rows], label=label)
+    ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"MNIST-1D, 4-stage MLP, backprop ({run_dir.name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "results")
+    args = parser.parse_args()
+    results = run_all(args.seeds, args.out)
+    docs = REPO / "docs"
+    atomic_write_json(docs / "results.json", results)
+    atomic_write_text(docs / "results.md", table(results))
+    plot(Path(results[CONFIGS[0]][0]["run_dir"]), docs / "learning_curve.png")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroplex.train.memory import ActivationMeter, peak_rss_bytes
+
+B, D, H, C = 8, 40, 64, 10
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, C))
+
+
+def test_meter_matches_hand_count_for_mlp_with_cross_entropy():
+    model = mlp()
+    meter = ActivationMeter(model.parameters())
+    x, y = torch.randn(B, D), torch.zeros(B, dtype=torch.long)
+    with meter.track():
+        loss = F.cross_entropy(model(x), y)
+    # By hand: addmm saves its input x; ReLU saves its output, which the second addmm saves
+    # again (same storage, counted once); weights are parameters (not counted); log_softmax
+    # saves its output, which nll_loss saves again; nll_loss saves the int64 target and a
+    # float32 scalar total weight.
+    expected = B * D * 4 + B * H * 4 + B * C * 4 + B * 8 + 4
+    assert meter.current == expected
+    assert meter.peak == expected
+    loss.backward()
+    assert meter.current == 0  # graph freed -> every saved tensor released
+    assert meter.peak == expected
+
+
+def test_peak_tracks_two_graphs_alive_at_once_and_one_at_a_time():
+    model = mlp()
+    x, y = torch.randn(B, D), torch.zeros(B, dtype=torch.long)
+    single = ActivationMeter(model.parameters())
+    with single.track():
+        F.cross_entropy(model(x), y).backward()
+    together = ActivationMeter(model.parameters())
+    with together.track():
+        first = F.cross_entropy(model(x), y)
+        second = F.cross_entropy(model(x + 1), y)
+    assert together.peak == 2 * single.peak - B * 8  # both graphs save the same target y
+    first.backward()
+    second.backward()
+    sequential = ActivationMeter(model.parameters())
+    with sequential.track():
+        for shift in range(3):
+            F.cross_entropy(model(x + shift), y).backward()
+    assert sequential.peak == single.peak
+    assert sequential.current == 0
+
+
+def test_parameters_are_excluded_but_counted_without_exclusion():
+    w = nn.Parameter(torch.randn(D, H))
+    x = torch.randn(B, D, requires_grad=True)
+    excluded = ActivationMeter([w])
+    with excluded.track():
+        out = (x @ w).sum()
+    assert excluded.current == B * D * 4  # mm saves x (for dW) and w (for dx); w excluded
+    out.backward()
+    counted = ActivationMeter()
+    with counted.track():
+        (x @ w).sum().backward()
+    assert counted.peak == B * D * 4 + D * H * 4
+
+
+def test_reset_peak_and_rss():
+    model = mlp()
+    meter = ActivationMeter(model.parameters())
+    with meter.track():
+        model(torch.randn(B, D)).sum().backward()
+    assert meter.peak > 0
+    meter.reset_peak()
+    assert meter.peak == 0
+    assert peak_rss_bytes() > 10 * 2**20  # torch alone is far above 10 MiB
