@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from update_readme import main as update_readme  # noqa: E402
 
 from neuroplex.config import load_config  # noqa: E402
 from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
@@ -93,6 +94,7 @@ def main() -> None:
     atomic_write_json(docs / "results.json", results)
     atomic_write_text(docs / "results.md", table(results))
     plot(Path(results[CONFIGS[0]][0]["run_dir"]), docs / "learning_curve.png")
+    update_readme()
     print(table(results))
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neuroplex.config import load_config, to_yaml
@@ -92,7 +93,6 @@ def train(
     else:
         cfg = load_config(config, overrides)
         target = run_dir or default_run_dir(cfg.output_dir, cfg.name)
-    print(f"run dir: {target}", file=sys.stderr)
     summary = run_training(
         cfg,
         target,
@@ -100,9 +100,9 @@ def train(
         stop_after_epoch=stop_after_epoch,
         progress=default_progress(),
     )
-    out.print(f"run dir: {target}")
-    out.print(f"summary: {target / 'summary.json'}")
-    out.print(f"status: {summary['status']}  test_acc: {_fmt(summary['test_acc'])}")
+    print(f"run dir: {target}")
+    print(f"summary: {target / 'summary.json'}")
+    print(f"status: {summary['status']}  test_acc: {_fmt(summary['test_acc'])}")
 
 
 def resume_config(run_dir: Path, config: Path | None, overrides: list[str] | None):
@@ -170,7 +170,7 @@ def config_show(
         for column in ("part", "module", "output", "params"):
             table.add_column(column, justify="right" if column == "params" else "left")
         for row in describe_network(net, data.n_features):
-            table.add_row(row["name"], row["module"], str(row["out"]), f"{row['params']:,}")
+            table.add_row(row["name"], row["module"], escape(str(row["out"])), f"{row['params']:,}")
         table.add_row("total", "", "", f"{net.num_parameters():,}")
         out.print(table)
 
@@ -186,7 +186,7 @@ def datasets() -> None:
         table.add_column(column)
     for row in describe_datasets():
         cells = [str(row.get(c, "")) for c in ("name", "samples", "features", "classes")]
-        table.add_row(*cells, str(row.get("description", "")))
+        table.add_row(*map(escape, cells), escape(str(row.get("description", ""))))
     out.print(table)
 
 

@@ -55,6 +55,7 @@ def save_checkpoint(run_dir: Path, name: str, ckpt: Checkpoint, *, best: bool) -
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 directories
     tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
     save_file(tensors, str(tmp / TENSORS))
+    os.chmod(tmp / TENSORS, 0o666 & ~current_umask())  # safetensors writes 0600
     state = {**ckpt.state, "format": FORMAT_VERSION, "sha256": _sha256(tmp / TENSORS)}
     (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
     for f in (TENSORS, STATE):
@@ -99,6 +100,8 @@ def load_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Checkpoi
         raise CheckpointError(f"{ckpt_dir}: missing {STATE}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{ckpt_dir / STATE}: corrupted (not valid JSON)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_dir / STATE}: corrupted (expected a JSON object)")
     if state.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{ckpt_dir}: format {state.get('format')!r}, this neuroplex reads {FORMAT_VERSION}"
