@@ -3,7 +3,7 @@
 Trains each shipped baseline config for several seeds, then writes
 ``docs/results.json``, ``docs/results.md`` (the table) and ``docs/learning_curve.png``.
 
-    python scripts/measure_results.py [--seeds 3] [--out runs/results]
+    python scripts/measure_results.py [--seeds 3] [--out runs/results-TIMESTAMP]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import matplotlib
@@ -87,7 +88,8 @@ def plot(run_dir: Path, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "results")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / f"results-{stamp}")
     args = parser.parse_args()
     results = run_all(args.seeds, args.out)
     docs = REPO / "docs"

@@ -17,15 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from neuroplex.config import DenseStageConfig, ModelConfig
-from neuroplex.layers import DenseStage
-
-
-class StageOutput(NamedTuple):
-    """What a stage with side results returns."""
-
-    x: Tensor  # [b, d_out]
-    aux_loss: Tensor  # scalar, added to the training loss
-    stats: dict[str, Tensor]  # per-step statistics to log (e.g. expert load)
+from neuroplex.layers import DenseStage, StageOutput
 
 
 class NetworkOutput(NamedTuple):
