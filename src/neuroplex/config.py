@@ -79,8 +79,26 @@ class ModelConfig(StrictModel):
     )
 
 
+class AuxConfig(StrictModel):
+    """Auxiliary networks of `train.method: local`: one per stage, the last stage uses the head."""
+
+    kind: Literal["linear", "mlp", "augmented", "momentum"] = Field(
+        "augmented",
+        description="linear: linear classifier; mlp: 2-layer MLP; augmented: AugLocal, copies "
+        "of later layers; momentum: MAN, EMA copy of the next stage + learnable bias",
+    )
+    hidden: int = Field(128, ge=1, description="mlp: hidden width")
+    width: int = Field(32, ge=1, description="augmented: width of the copied later layers")
+    max_depth: int = Field(
+        2, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly to 1"
+    )
+    momentum: float = Field(0.995, ge=0, lt=1, description="momentum: EMA decay")
+
+
 class TrainConfig(StrictModel):
-    method: Literal["backprop"] = Field("backprop", description="training method")
+    method: Literal["backprop", "local"] = Field(
+        "backprop", description="backprop: end to end; local: per-stage auxiliary networks"
+    )
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.01, ge=0, description="applied to weight matrices only")
@@ -97,6 +115,7 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy smoothing")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    aux: AuxConfig = Field(default_factory=AuxConfig)
 
     @model_validator(mode="after")
     def _check_betas(self) -> TrainConfig:
@@ -302,23 +321,29 @@ def to_yaml(config: Config) -> str:
 def reference_markdown() -> str:
     """Markdown table of every config key, its default and its meaning (for the README)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    sections: list[tuple[str, Any]] = [("", Config)]
-    sections += [(f"{k}.", _model_in(f.annotation)) for k, f in Config.model_fields.items()]
-    sections = [(prefix, model) for prefix, model in sections if model is not None]
-    sections += [("model.stages.N.", m) for m in STAGE_CONFIGS.values()]
-    for prefix, model in sections:
-        for name, field in model.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            if isinstance(default, BaseModel):
-                continue  # a section: its keys have their own rows
-            shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=1000).strip()
-            shown = shown.removesuffix("...").strip()
-            meaning = (field.description or "").replace("|", "\\|")
-            literal = _literal_values(field.annotation)
-            if literal and literal not in meaning:
-                meaning = f"{meaning} ({literal})" if meaning else literal
-            rows.append(f"| `{prefix}{name}` | `{shown}` | {meaning} |")
+    rows += _reference_rows("", Config)
+    for model in STAGE_CONFIGS.values():
+        rows += _reference_rows("model.stages.N.", model)
     return "\n".join(rows) + "\n"
+
+
+def _reference_rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    rows, sections = [], []
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            sections.append((f"{prefix}{name}.", type(default)))  # listed after this section
+            continue
+        shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=1000).strip()
+        shown = shown.removesuffix("...").strip()
+        meaning = (field.description or "").replace("|", "\\|")
+        literal = _literal_values(field.annotation)
+        if literal and literal not in meaning:
+            meaning = f"{meaning} ({literal})" if meaning else literal
+        rows.append(f"| `{prefix}{name}` | `{shown}` | {meaning} |")
+    for sub_prefix, sub_model in sections:
+        rows += _reference_rows(sub_prefix, sub_model)
+    return rows
 
 
 def _plain(value: Any) -> Any:

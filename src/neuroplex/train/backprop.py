@@ -1,35 +1,29 @@
 """Method ``backprop``: end-to-end gradient descent on the whole network.
 
-A training method is an object with ``step(x, y, lr) -> StepResult`` that the one loop calls,
-plus ``state()``/``load_state()`` for checkpoints. Shape legend: ``b`` batch, ``d`` features.
+Shape legend: ``b`` batch, ``d`` features.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuroplex.config import TrainConfig
+from neuroplex.config import Config
 from neuroplex.network import Network
 from neuroplex.train.checkpoint import load_optimizer_state, optimizer_state
+from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
-
-
-class StepResult(NamedTuple):
-    loss: Tensor  # scalar, detached: the task loss the method minimised (plus aux losses)
-    correct: Tensor  # scalar int: correct predictions of the network's head in this batch
-    stats: dict[str, Tensor]  # per-step statistics from the stages
 
 
 class Backprop:
     """Cross-entropy on the head plus the stages' aux losses, one optimizer for everything."""
 
-    def __init__(self, model: Network, cfg: TrainConfig) -> None:
-        self.model, self.cfg = model, cfg
-        self.optimizer = build_optimizer([model], cfg)
+    def __init__(self, model: Network, cfg: Config) -> None:
+        self.model, self.cfg = model, cfg.train
+        self.optimizer = build_optimizer([model], cfg.train)
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """One update on a batch ``x [b, d]``, ``y [b]``."""

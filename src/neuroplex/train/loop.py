@@ -40,11 +40,13 @@ from neuroplex.train.checkpoint import (
     load_module_state,
     save_checkpoint,
 )
+from neuroplex.train.local import Local
 from neuroplex.train.memory import ActivationMeter, peak_rss_bytes
+from neuroplex.train.method import Method
 from neuroplex.train.optim import lr_at
 from neuroplex.train.progress import NullProgress
 
-METHODS = {"backprop": Backprop}
+METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
 EVAL_BATCH = 1024
 
 
@@ -68,7 +70,7 @@ class Setup:
     device: torch.device
     data: Dataset
     model: Network
-    method: Backprop
+    method: Method
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,7 +93,7 @@ def build_setup(cfg: Config) -> Setup:
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
-    method = METHODS[cfg.train.method](model, cfg.train)
+    method = METHODS[cfg.train.method](model, cfg)
     return Setup(cfg, device, data, model, method)
 
 
