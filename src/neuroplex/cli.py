@@ -137,12 +137,48 @@ def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     split: Annotated[str, typer.Option(help="test | val | train")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    exits: Annotated[
+        bool,
+        typer.Option(
+            "--exits",
+            help="early exit (local runs): confidence and learned-gate policies, "
+            "accuracy vs stages executed; writes exits.json and exits.png",
+        ),
+    ] = False,
 ) -> None:
-    """Evaluate a run's checkpoint on a data split; print JSON."""
-    from neuroplex.train.loop import evaluate_run
+    """Evaluate a run's checkpoint on a data split; print JSON (or the early-exit table)."""
+    from neuroplex.train.runs import evaluate_exits, evaluate_run
 
-    result = evaluate_run(run_dir, split=split, which=checkpoint)
-    print(json.dumps(result, indent=2))
+    if not exits:
+        print(json.dumps(evaluate_run(run_dir, split=split, which=checkpoint), indent=2))
+        return
+    report = evaluate_exits(run_dir, split=split, which=checkpoint)
+    print_exits(report)
+    print(f"wrote {run_dir / 'exits.json'} and {run_dir / 'exits.png'}")
+
+
+def print_exits(report: dict) -> None:
+    full = report["full"]
+    title = (
+        f"early exit on {report['split']}: all {report['stages']} stages = "
+        f"{100 * full['acc']:.2f}% (per stage: "
+        + ", ".join(f"{100 * a:.1f}" for a in report["per_stage_acc"])
+        + ")"
+    )
+    table = Table(title=escape(title))
+    for column in ("policy", "setting", "accuracy", "mean stages", "stages saved"):
+        table.add_column(column)
+    for policy, key in (("confidence", "threshold"), ("gate", "cost")):
+        for p in report[policy]:
+            saved = 1 - p["mean_stages"] / report["stages"]
+            table.add_row(
+                policy,
+                f"{key}={p[key]}",
+                f"{100 * p['acc']:.2f}%",
+                f"{p['mean_stages']:.2f}",
+                f"{100 * saved:.0f}%",
+            )
+    out.print(table)
 
 
 @config_app.command("show")

@@ -9,6 +9,7 @@ from neuroplex.files import read_jsonl
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import read_index
 from neuroplex.train.progress import NullProgress
+from neuroplex.train.runs import evaluate_run
 
 TIMING = {"samples_per_s", "wall_time"}
 
@@ -161,5 +162,5 @@ def test_best_checkpoint_follows_validation_accuracy(tiny_config, tmp_path):
     rows = metrics(tmp_path / "run")
     best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
     assert read_index(tmp_path / "run")["best"] == f"epoch-{best['epoch']:04d}"
-    evaluated = loop.evaluate_run(tmp_path / "run", which="best")
+    evaluated = evaluate_run(tmp_path / "run", which="best")
     assert evaluated["acc"] == best["test_acc"]

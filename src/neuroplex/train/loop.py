@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import neuroplex
-from neuroplex.config import Config, load_config, to_yaml
-from neuroplex.data import Dataset, Split, load_dataset
-from neuroplex.errors import ConfigError, NeuroplexError, TrainingDiverged
+from neuroplex.config import Config, to_yaml
+from neuroplex.data import Dataset, load_dataset
+from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from neuroplex.network import Network, build_network
 from neuroplex.train.backprop import Backprop
@@ -40,6 +39,7 @@ from neuroplex.train.checkpoint import (
     load_module_state,
     save_checkpoint,
 )
+from neuroplex.train.evaluate import evaluate_splits
 from neuroplex.train.local import Local
 from neuroplex.train.memory import ActivationMeter, peak_rss_bytes
 from neuroplex.train.method import Method
@@ -47,7 +47,6 @@ from neuroplex.train.optim import lr_at
 from neuroplex.train.progress import NullProgress
 
 METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
-EVAL_BATCH = 1024
 
 
 @dataclass
@@ -222,32 +221,6 @@ def update_best(state: LoopState, record: dict[str, Any]) -> bool:
     return False
 
 
-@torch.no_grad()
-def evaluate(model: Network, split: Split, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-    model.train(was_training)
-    n = max(len(split), 1)
-    return {"loss": loss_sum / n, "acc": correct / n}
-
-
-def evaluate_splits(model: Network, data: Dataset) -> dict[str, float]:
-    out: dict[str, float] = {}
-    splits = {"val": data.val, "test": data.test}
-    for name, split in splits.items():
-        if split is not None:
-            for key, value in evaluate(model, split).items():
-                out[f"{name}_{key}"] = value
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # run directory, checkpoints, summary
 
@@ -366,30 +339,3 @@ def write_summary(
     }
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def evaluate_run(run_dir: str | Path, *, split: str = "test", which: str = "best") -> dict:
-    """Load a run's config and checkpoint (``best`` or ``last``) and evaluate one split."""
-    run_dir = Path(run_dir)
-    if split not in ("train", "val", "test"):
-        raise NeuroplexError(f"--split {split!r}: expected one of train, val, test")
-    if which not in ("best", "last"):
-        raise NeuroplexError(f"--checkpoint {which!r}: expected best or last")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise NeuroplexError(f"{run_dir}: not a run directory (no config.yaml)")
-    s = build_setup(load_config(config_path))
-    ckpt = load_checkpoint(run_dir, which)
-    load_module_state(s.model, ckpt.tensors, "model.")
-    data = getattr(s.data, split)
-    if data is None:
-        raise NeuroplexError("--split val: this run has no validation split (data.val_fraction=0)")
-    result = evaluate(s.model, data)
-    return {
-        "run_dir": str(run_dir),
-        "split": split,
-        "checkpoint": which,
-        "epoch": ckpt.state["loop"]["epoch"],
-        "samples": len(data),
-        **result,
-    }

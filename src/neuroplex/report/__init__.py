@@ -1,0 +1,1 @@
+"""Rendering: plots and (later) the HTML report. Renders what analysis returns; computes nothing."""
