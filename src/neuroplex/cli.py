@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -100,6 +101,8 @@ def train(
         stop_after_epoch=stop_after_epoch,
         progress=default_progress(),
     )
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     print(f"run dir: {target}")
     print(f"summary: {target / 'summary.json'}")
     print(f"status: {summary['status']}  test_acc: {_fmt(summary['test_acc'])}")

@@ -6,7 +6,7 @@ import pytest
 from neuroplex.config import load_config
 from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import read_jsonl
-from neuroplex.train import loop
+from neuroplex.train import loop, rundir
 from neuroplex.train.checkpoint import read_index
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.runs import evaluate_run
@@ -85,7 +85,7 @@ def test_killed_between_metrics_and_checkpoint_drops_the_orphan_line(
     tiny_config, tmp_path, monkeypatch
 ):
     loop.train(tiny_config, tmp_path / "full")
-    real_save, calls = loop.save_checkpoint, []
+    real_save, calls = rundir.save_checkpoint, []
 
     def save_then_die(*args, **kwargs):
         calls.append(1)
@@ -93,11 +93,11 @@ def test_killed_between_metrics_and_checkpoint_drops_the_orphan_line(
             raise KeyboardInterrupt  # epoch 2's metrics are written, its checkpoint is not
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(rundir, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         loop.train(tiny_config, tmp_path / "run")
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(rundir, "save_checkpoint", real_save)
     loop.train(tiny_config, tmp_path / "run", resume=True)
     assert metrics(tmp_path / "run") == metrics(tmp_path / "full")
 

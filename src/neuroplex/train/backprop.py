@@ -9,13 +9,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from neuroplex.config import Config
-from neuroplex.network import Network
+from neuroplex.network import Network, NetworkOutput
 from neuroplex.train.checkpoint import load_optimizer_state, optimizer_state
 from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
+from neuroplex.train.parallel import data_parallel
+
+
+class ForwardStages(nn.Module):
+    """``forward`` = ``model.forward_stages``, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: Network) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> NetworkOutput:
+        return self.model.forward_stages(x)
 
 
 class Backprop:
@@ -23,12 +35,13 @@ class Backprop:
 
     def __init__(self, model: Network, cfg: Config) -> None:
         self.model, self.cfg = model, cfg.train
+        self.forward = data_parallel(ForwardStages(model))
         self.optimizer = build_optimizer([model], cfg.train)
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """One update on a batch ``x [b, d]``, ``y [b]``."""
         set_lr(self.optimizer, lr)
-        out = self.model.forward_stages(x)
+        out = self.forward(x)
         loss = F.cross_entropy(out.logits, y, label_smoothing=self.cfg.label_smoothing)
         loss = loss + out.aux_loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -39,6 +52,9 @@ class Backprop:
         correct = (out.logits.argmax(dim=1) == y).sum()
         stats = {k: v.detach() for k, v in out.stats.items()}
         return StepResult(loss.detach(), correct, stats)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Optimizer tensors and JSON-able metadata for a checkpoint."""

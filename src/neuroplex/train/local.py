@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuroplex.config import AuxConfig, Config, DenseStageConfig
-from neuroplex.layers import DenseBlock
+from neuroplex.layers import DenseBlock, StageOutput
 from neuroplex.network import ACTIVATIONS, NORMS, Network, run_stage
 from neuroplex.train.checkpoint import (
     load_module_state,
@@ -35,6 +35,7 @@ from neuroplex.train.checkpoint import (
 )
 from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
+from neuroplex.train.parallel import data_parallel
 
 
 class MomentumAux(nn.Module):
@@ -110,6 +111,18 @@ def build_aux(
     return nn.Sequential(*blocks, nn.Linear(d, n_classes))
 
 
+class StageWithHead(nn.Module):
+    """A stage and the classifier that trains it: ``[b, d_in] -> (StageOutput, [b, c])``."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.stage, self.head = stage, head
+
+    def forward(self, h: Tensor) -> tuple[StageOutput, Tensor]:
+        out = run_stage(self.stage, h)
+        return out, self.head(out.x)
+
+
 class Local:
     """Local learning: one optimizer per stage over the stage and its aux net (the head's for
     the last stage); the learning-rate schedule is the loop's, applied to every stage."""
@@ -124,22 +137,20 @@ class Local:
             for s, stage in enumerate(model.stages[:-1])
         ]
         self.aux = nn.ModuleList(aux).to(device)
-        self.heads: list[nn.Module] = [*self.aux, model.head]
-        self.optimizers = [
-            build_optimizer([stage, head], cfg.train)
-            for stage, head in zip(model.stages, self.heads, strict=True)
+        pairs = [
+            StageWithHead(stage, head)
+            for stage, head in zip(model.stages, [*self.aux, model.head], strict=True)
         ]
+        self.trainees = [data_parallel(pair) for pair in pairs]
+        self.optimizers = [build_optimizer([pair], cfg.train) for pair in pairs]
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """Train each stage on ``x [b, d]``, ``y [b]`` in turn; return the head's loss."""
         self.aux.train(self.model.training)
         stats: dict[str, Tensor] = {}
         h = x
-        for s, (stage, head, opt) in enumerate(
-            zip(self.model.stages, self.heads, self.optimizers, strict=True)
-        ):
-            out = run_stage(stage, h.detach())  # the gradient-isolation boundary
-            logits = head(out.x)
+        for s, (trainee, opt) in enumerate(zip(self.trainees, self.optimizers, strict=True)):
+            out, logits = trainee(h.detach())  # detach: the gradient-isolation boundary
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
@@ -156,6 +167,9 @@ class Local:
                 aux.update(self.model.stages[s + 1])
         correct = (logits.argmax(dim=1) == y).sum()
         return StepResult(loss.detach(), correct, stats)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.aux]
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"aux.{k}": v for k, v in self.aux.state_dict().items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class StepResult(NamedTuple):
@@ -20,6 +20,10 @@ class StepResult(NamedTuple):
 class Method(Protocol):
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """One update on a batch ``x [b, d]``, ``y [b]`` at learning rate ``lr``."""
+        ...
+
+    def modules(self) -> list[nn.Module]:
+        """Every module the method trains (the network, auxiliary networks)."""
         ...
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -10,7 +10,7 @@ from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_json
 from neuroplex.train.checkpoint import Checkpoint, load_checkpoint, load_module_state
 from neuroplex.train.evaluate import evaluate
-from neuroplex.train.loop import Setup, build_setup
+from neuroplex.train.setup import Setup, build_setup
 
 SPLITS = ("train", "val", "test")
 

@@ -1,0 +1,172 @@
+"""The run directory: resolved config, checkpoints (with loop state and RNG), summary.
+
+Rank 0 alone writes; every rank reads (resume).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import neuroplex
+from neuroplex.config import Config, to_yaml
+from neuroplex.errors import ConfigError
+from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
+from neuroplex.train.memory import peak_rss_bytes
+from neuroplex.train.setup import Setup
+
+
+@dataclass
+class LoopState:
+    """Scalars saved with every checkpoint; with the tensors they make resume exact."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    elapsed: float = 0.0  # seconds of training, summed over resumed sessions
+    activation_peak: int = 0  # bytes saved for backward, peak over all steps
+
+
+def config_digest(cfg: Config) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def start_run_dir(run_dir: Path, s: Setup) -> LoopState:
+    """Create the run directory with its ``config.yaml``; refuse one that holds a run."""
+    taken = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
+    if s.world.any(taken):
+        raise ConfigError(
+            f"run dir {run_dir} already holds a run; continue it with --resume {run_dir} "
+            "or choose another --run-dir"
+        )
+    if s.world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(s.cfg))
+    return LoopState()
+
+
+def save(run_dir: Path, s: Setup, state: LoopState, *, best: bool) -> None:
+    method_tensors, method_meta = s.method.state()
+    tensors = {f"model.{k}": v for k, v in s.model.state_dict().items()}
+    tensors.update({f"method.{k}": v for k, v in method_tensors.items()})
+    meta = {
+        "loop": asdict(state),
+        "method": method_meta,
+        "rng": {"ranks": s.world.gather(json.dumps(rng_state(s.device)))},
+        "config_digest": config_digest(s.cfg),
+        "versions": versions(),
+    }
+    if s.world.is_main:
+        save_checkpoint(run_dir, f"epoch-{state.epoch:04d}", Checkpoint(tensors, meta), best=best)
+
+
+def restore(run_dir: Path, s: Setup) -> LoopState:
+    """Load the last checkpoint into ``s`` and drop metrics logged after it."""
+    ckpt = load_checkpoint(run_dir, "last")
+    if ckpt.state.get("config_digest") != config_digest(s.cfg):
+        raise ConfigError(
+            f"{run_dir}: the checkpoint was written with a different config than "
+            f"{run_dir / 'config.yaml'}; resume with the run's own config"
+        )
+    load_module_state(s.model, ckpt.tensors, "model.")
+    method_tensors = {k[7:]: v for k, v in ckpt.tensors.items() if k.startswith("method.")}
+    s.method.load_state(method_tensors, ckpt.state["method"])
+    ranks = ckpt.state["rng"]["ranks"]  # exact resume needs the same number of ranks
+    set_rng_state(json.loads(ranks[s.world.rank % len(ranks)]), s.device)
+    state = LoopState(**ckpt.state["loop"])
+    metrics = run_dir / "metrics.jsonl"
+    if s.world.is_main:
+        kept = (
+            [r for r in read_jsonl(metrics) if r["epoch"] <= state.epoch]
+            if metrics.exists()
+            else []
+        )
+        atomic_write_text(metrics, "".join(_json_line(r) for r in kept))
+    return state
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
+def rng_state(device: torch.device) -> dict[str, str]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)
+        state["cuda"] = base64.b64encode(cuda.numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict[str, str], device: torch.device) -> None:
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]), device)
+
+
+def _bytes_tensor(text: str) -> Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def versions() -> dict[str, str]:
+    return {
+        "neuroplex": neuroplex.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_summary(
+    run_dir: Path, s: Setup, state: LoopState, *, status: str, error: str | None = None
+) -> dict[str, Any]:
+    """Final figures of the run; test accuracy of the final model and of the best checkpoint."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    final = metrics[-1] if metrics else {}
+    best = next((r for r in metrics if r["epoch"] == state.best_epoch), {})
+    data = s.data
+    summary = {
+        "status": status,
+        "error": error,
+        "test_acc": final.get("test_acc"),
+        "test_loss": final.get("test_loss"),
+        "best_val_acc": state.best_val_acc,
+        "best_epoch": state.best_epoch,
+        "test_acc_at_best_val": best.get("test_acc"),
+        "epochs": state.epoch,
+        "steps": state.step,
+        "params": s.model.num_parameters(),
+        "activation_bytes_peak": state.activation_peak,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "train_time_s": state.elapsed,
+        "seed": s.cfg.seed,
+        "method": s.cfg.train.method,
+        "dataset": {
+            "name": data.name,
+            "train": len(data.train),
+            "val": len(data.val) if data.val is not None else 0,
+            "test": len(data.test),
+            "features": data.n_features,
+            "classes": data.n_classes,
+        },
+        "versions": versions(),
+    }
+    summary["ranks"] = s.world.size
+    if s.world.is_main:
+        atomic_write_json(run_dir / "summary.json", summary)
+    return summary

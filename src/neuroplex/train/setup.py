@@ -1,0 +1,63 @@
+"""Everything a run needs, built from its config in a fixed order (same seed, same run)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from neuroplex.config import Config
+from neuroplex.data import Dataset, load_dataset
+from neuroplex.errors import ConfigError
+from neuroplex.network import Network, build_network
+from neuroplex.train.backprop import Backprop
+from neuroplex.train.local import Local
+from neuroplex.train.method import Method
+from neuroplex.train.parallel import World
+
+METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built from its config."""
+
+    cfg: Config
+    device: torch.device
+    data: Dataset
+    model: Network
+    method: Method
+    world: World = field(default_factory=World)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train) / self.cfg.train.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.steps or self.cfg.train.epochs * self.steps_per_epoch
+
+    @property
+    def total_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def build_setup(cfg: Config, world: World | None = None) -> Setup:
+    """Seed, then data, model and method, in a fixed order (so the same seed gives the same run)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device, world or World())
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
+    method = METHODS[cfg.train.method](model, cfg)
+    return Setup(cfg, device, data, model, method, world or World())
+
+
+def resolve_device(name: str, world: World) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda': no CUDA device is available; use 'cpu' or 'auto'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{world.local_rank}") if name == "cuda" else torch.device(name)
