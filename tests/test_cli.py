@@ -306,7 +306,6 @@ USER_ERRORS = [
         ["train.lrr", "unknown key", "'lr'"],
         id="unknown-key",
     ),
-    pytest.param(lambda tmp, t: ["train"], ["needs a CONFIG"], id="train-without-config"),
     pytest.param(
         lambda tmp, t: ["train", "--resume", tmp],
         ["--resume", "not a run directory"],

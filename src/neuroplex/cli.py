@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 app.add_typer(config_app, name="config")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements.")
+app.add_typer(bench_app, name="bench")
 
 _debug = False
 out = Console(highlight=False)
@@ -67,7 +69,10 @@ def root(
 @app.command()
 @user_errors
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config file")] = None,  # noqa: UP045
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="YAML config file (default: the built-in defaults)"),
+    ] = None,
     overrides: SetOption = None,
     run_dir: Annotated[
         Optional[Path],  # noqa: UP045
@@ -89,8 +94,6 @@ def train(
     if resume is not None:
         cfg = resume_config(resume, config, overrides)
         target = resume
-    elif config is None:
-        raise ConfigError("train needs a CONFIG file (or --resume RUN_DIR)")
     else:
         cfg = load_config(config, overrides)
         target = run_dir or default_run_dir(cfg.output_dir, cfg.name)
@@ -227,6 +230,23 @@ def datasets() -> None:
         cells = [str(row.get(c, "")) for c in ("name", "samples", "features", "classes")]
         table.add_row(*map(escape, cells), escape(str(row.get("description", ""))))
     out.print(table)
+
+
+@bench_app.command("local")
+@user_errors
+def bench_local(
+    stages: Annotated[list[int], typer.Option(help="stage counts to compare")] = [4, 8],  # noqa: B006
+    seeds: Annotated[int, typer.Option(min=1)] = 3,
+    steps: Annotated[int, typer.Option(min=1)] = 8000,
+    width: Annotated[int, typer.Option(min=1)] = 256,
+    out: Annotated[
+        Path, typer.Option(help="JSON output (a .md table is written beside it)")
+    ] = Path("docs/bench/local.json"),
+) -> None:
+    """Backprop vs local learning (each aux kind): accuracy, activation memory, RSS, time."""
+    from neuroplex.bench.local import run, table
+
+    print(table(run(stages, seeds, steps, width, out)))
 
 
 def _fmt(value: float | None) -> str:

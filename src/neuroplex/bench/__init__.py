@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements that write JSON and a markdown table."""

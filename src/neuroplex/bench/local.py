@@ -1,0 +1,101 @@
+"""``neuroplex bench local``: backprop against local learning with each auxiliary network.
+
+Each (stages, method, seed) trains MNIST-1D in its own process (so peak RSS is its own), one after
+another on the same machine, and reports test accuracy, exact peak activation memory
+(saved-tensor bytes), peak RSS and time per epoch. Writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroplex.files import atomic_write_json, atomic_write_text
+
+METHODS: dict[str, list[str]] = {
+    "backprop": ["train.method=backprop"],
+    "local / linear": ["train.method=local", "train.aux.kind=linear"],
+    "local / mlp": ["train.method=local", "train.aux.kind=mlp"],
+    "local / augmented": ["train.method=local", "train.aux.kind=augmented"],
+    "local / momentum": ["train.method=local", "train.aux.kind=momentum"],
+}
+
+
+def base_overrides(stages: int, width: int, steps: int) -> list[str]:
+    stage = f"{{kind: dense, width: {width}, dropout: 0.1}}"
+    return [
+        "data.name=mnist1d",
+        f"model.stages=[{', '.join([stage] * stages)}]",
+        f"train.steps={steps}",
+        "train.batch_size=100",
+        "train.lr=3e-3",
+    ]
+
+
+def run_one(overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    args = [sys.executable, "-m", "neuroplex", "train", "--run-dir", str(run_dir)]
+    for item in overrides:
+        args += ["--set", item]
+    env = {**os.environ, "CI": "1"}  # plain progress lines
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark run failed: {' '.join(args)}\n{done.stderr[-2000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def run(stage_counts: list[int], seeds: int, steps: int, width: int, out: Path) -> dict[str, Any]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
+        for stages in stage_counts:
+            for name, method in METHODS.items():
+                for seed in range(seeds):
+                    overrides = [*base_overrides(stages, width, steps), *method, f"seed={seed}"]
+                    run_dir = Path(tmp) / f"{stages}-{name.replace(' / ', '-')}-{seed}"
+                    summary = run_one(overrides, run_dir)
+                    rows.append({**summary, "stages": stages, "method": name, "seed": seed})
+                    print(f"stages={stages} {name} seed={seed}: test_acc={summary['test_acc']}")
+    result = {"machine": machine(), "steps": steps, "width": width, "runs": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), table(result))
+    return result
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"MNIST-1D, dense stages of width {result['width']}, {result['steps']} steps, "
+        f"batch 100 ({result['machine']}).",
+        "",
+        "| stages | method | test acc (mean ± std, seeds) | activation memory | vs backprop | "
+        "peak RSS | time per epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in result["runs"]:
+        groups.setdefault((r["stages"], r["method"]), []).append(r)
+    for (stages, method), runs in groups.items():
+        accs = [100 * r["test_acc"] for r in runs]
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        act = statistics.mean(r["activation_bytes_peak"] for r in runs)
+        bp = groups[(stages, "backprop")]
+        ratio = act / statistics.mean(r["activation_bytes_peak"] for r in bp)
+        rss = statistics.mean(r["peak_rss_bytes"] for r in runs) / 2**20
+        epoch_s = statistics.mean(r["train_time_s"] / r["epochs"] for r in runs)
+        lines.append(
+            f"| {stages} | {method} | {statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
+            f"{act / 2**20:.2f} MiB | {ratio:.2f}× | {rss:.0f} MiB | {epoch_s:.3f} s |"
+        )
+    return "\n".join(lines) + "\n"
