@@ -1,0 +1,1 @@
+"""Analysis: pure functions from (model, probe batch) to arrays and tables; models untouched."""
