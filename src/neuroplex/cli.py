@@ -232,6 +232,50 @@ def datasets() -> None:
     out.print(table)
 
 
+@app.command()
+@user_errors
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    probe: Annotated[int, typer.Option(help="test samples to probe with")] = 1000,
+    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+) -> None:
+    """Functional connectivity, communities, CKA between stages, path-norms of a run."""
+    from neuroplex.analysis.run import analyze_run
+
+    result = analyze_run(run_dir, probe=probe, which=checkpoint)
+    table = Table(title=escape(f"functional analysis of {run_dir} ({result['probe']} probes)"))
+    for column in ("stage", "kind", "units", "communities", "modularity", "NMI", "dead"):
+        table.add_column(column)
+    for st in result["stages"]:
+        nmi = f"{st['nmi']:.2f}" if "nmi" in st else "-"
+        table.add_row(
+            str(st["stage"]),
+            st["kind"],
+            str(st["units"]),
+            str(st["communities"]),
+            f"{st['modularity']:.3f}",
+            nmi,
+            f"{100 * st['dead']:.0f}%",
+        )
+    out.print(table)
+    if result["path_norm"] is not None:
+        print(f"path-norm: L1 {result['path_norm']['l1']:.4g}  L2 {result['path_norm']['l2']:.4g}")
+    print(f"wrote {run_dir / 'analysis.json'} and {run_dir / 'analysis.npz'}")
+
+
+@app.command()
+@user_errors
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="first run directory")],
+    run_b: Annotated[Path, typer.Argument(help="second run directory")],
+    probe: Annotated[int, typer.Option(help="test samples to probe with")] = 1000,
+) -> None:
+    """Linear CKA between the stages of two runs (e.g. backprop vs local); prints JSON."""
+    from neuroplex.analysis.run import compare_runs
+
+    print(json.dumps(compare_runs(run_a, run_b, probe=probe), indent=2))
+
+
 @bench_app.command("local")
 @user_errors
 def bench_local(
