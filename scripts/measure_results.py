@@ -15,17 +15,14 @@ import statistics
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from update_readme import main as update_readme
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from update_readme import main as update_readme  # noqa: E402
-
-from neuroplex.config import load_config  # noqa: E402
-from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
-from neuroplex.train import train  # noqa: E402
-from neuroplex.train.progress import PlainProgress  # noqa: E402
+from neuroplex.config import load_config
+from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.report.plots import learning_curves, save_png
+from neuroplex.train import train
+from neuroplex.train.progress import PlainProgress
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/mnist1d_mlp.yaml", "configs/digits_mlp.yaml"]
@@ -65,26 +62,6 @@ def table(results: dict) -> str:
     return "\n".join(lines) + f"\n\nMeasured by `scripts/measure_results.py` on {machine}.\n"
 
 
-def plot(run_dir: Path, path: Path) -> None:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    steps = [r["step"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(steps, [r["train_loss"] for r in rows], label="train")
-    ax_loss.plot(steps, [r["val_loss"] for r in rows], label="validation")
-    ax_loss.plot(steps, [r["test_loss"] for r in rows], label="test")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
-    for key, label in (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")):
-        ax_acc.plot(steps, [100 * r[key] for r in rows], label=label)
-    ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"MNIST-1D, 4-stage MLP, backprop ({run_dir.name})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -95,7 +72,11 @@ def main() -> None:
     docs = REPO / "docs"
     atomic_write_json(docs / "results.json", results)
     atomic_write_text(docs / "results.md", table(results))
-    plot(Path(results[CONFIGS[0]][0]["run_dir"]), docs / "learning_curve.png")
+    first = Path(results[CONFIGS[0]][0]["run_dir"])
+    figure = learning_curves(
+        read_jsonl(first / "metrics.jsonl"), f"MNIST-1D, 4-stage MLP, backprop ({first.name})"
+    )
+    save_png(figure, docs / "learning_curve.png")
     update_readme()
     print(table(results))
 

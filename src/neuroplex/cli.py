@@ -276,6 +276,32 @@ def compare(
     print(json.dumps(compare_runs(run_a, run_b, probe=probe), indent=2))
 
 
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    bench: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option(help="benchmark table (.md) to include; repeatable"),
+    ] = None,
+    probe: Annotated[
+        int, typer.Option(help="test samples for the analysis, if not yet run")
+    ] = 1000,
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page (runs `analyze` first if needed)."""
+    from neuroplex.analysis.run import analyze_run
+    from neuroplex.report.html import write_report
+
+    if not (run_dir / "summary.json").is_file():
+        raise NeuroplexError(f"{run_dir}: not a finished run (no summary.json)")
+    for path in bench or []:
+        if not path.is_file():
+            raise NeuroplexError(f"--bench {path}: file not found")
+    if not (run_dir / "analysis.json").exists():
+        analyze_run(run_dir, probe=probe)
+    print(f"report: {write_report(run_dir, bench)}")
+
+
 @bench_app.command("local")
 @user_errors
 def bench_local(

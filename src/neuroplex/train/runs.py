@@ -54,7 +54,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", which: str = "best
 
 def evaluate_exits(run_dir: str | Path, *, split: str = "test", which: str = "best") -> dict:
     """Early-exit policies of a local run; writes ``exits.json`` and ``exits.png``."""
-    from neuroplex.report.plots import plot_exits
+    from neuroplex.report.plots import exits_figure, save_png
     from neuroplex.train.exits import best_saving, exit_report
 
     run_dir = Path(run_dir)
@@ -75,7 +75,7 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", which: str = "be
     for key in ("confidence", "gate"):
         report[f"{key}_best_within_1pt"] = best_saving(report[key], report["full"])
     atomic_write_json(run_dir / "exits.json", report)
-    plot_exits(report, run_dir / "exits.png")
+    save_png(exits_figure(report), run_dir / "exits.png")
     return report
 
 

@@ -1,0 +1,179 @@
+"""``neuroplex report``: one self-contained HTML page of everything a run produced.
+
+Inline CSS, plots as embedded PNG, no network access. It renders the files the run directory
+holds (config.yaml, metrics.jsonl, summary.json, analysis.json/.npz, exits.json) and benchmark
+tables; it computes nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroplex.files import atomic_write_text, read_jsonl
+from neuroplex.report import plots
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
+  padding:0 1em;color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.caption{color:#555;font-size:.92em;margin:.3em 0 1em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
+td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left} th{background:#f5f5f5}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
+.figs{display:flex;flex-wrap:wrap;gap:1em} img{max-width:100%}
+.kpi{display:inline-block;margin:0 1.5em .5em 0} .kpi b{font-size:1.4em;display:block}
+"""
+
+
+def section(title: str, body: str, caption: str = "") -> str:
+    note = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
+    return f"<section><h2>{html.escape(title)}</h2>{note}{body}</section>"
+
+
+def image(fig) -> str:
+    return f'<img alt="" src="data:image/png;base64,{plots.to_png_base64(fig)}">'
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def markdown_table(text: str) -> str:
+    """A markdown pipe table (as the benchmarks write) as HTML; other lines as paragraphs."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")
+    ]
+    rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
+    prose = "".join(f"<p>{html.escape(line)}</p>" for line in lines if not line.startswith("|"))
+    return prose + (table(rows[0], rows[1:]) if rows else "")
+
+
+def fmt(value: Any, percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if percent:
+        return f"{100 * value:.2f}%"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def overview(summary: dict[str, Any]) -> str:
+    kpis = [
+        ("test accuracy", fmt(summary.get("test_acc"), percent=True)),
+        ("best val accuracy", fmt(summary.get("best_val_acc"), percent=True)),
+        ("parameters", fmt(summary.get("params"))),
+        ("activation memory", f"{summary.get('activation_bytes_peak', 0) / 2**20:.2f} MiB"),
+        ("train time", f"{summary.get('train_time_s', 0):.1f} s"),
+        ("status", str(summary.get("status"))),
+    ]
+    cards = "".join(f'<span class="kpi"><b>{html.escape(v)}</b>{k}</span>' for k, v in kpis)
+    rows = [[k, fmt(v) if not isinstance(v, dict) else json.dumps(v)] for k, v in summary.items()]
+    return cards + table(["summary.json", "value"], rows)
+
+
+def analysis_sections(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    rows = [
+        [
+            st["stage"],
+            st["kind"],
+            st["units"],
+            st["communities"],
+            f"{st['modularity']:.3f}",
+            f"{st['nmi']:.2f}" if "nmi" in st else "no design",
+            f"{100 * st['dead']:.0f}%",
+        ]
+        for st in analysis["stages"]
+    ]
+    header = ["stage", "kind", "units", "communities", "modularity Q", "NMI vs design", "dead"]
+    figs = []
+    for st in analysis["stages"]:
+        i = st["stage"]
+        corr, labels = arrays.get(f"stage{i}.corr"), arrays.get(f"stage{i}.labels")
+        if corr is not None and labels is not None:
+            title = f"stage {i} ({st['kind']}): unit correlation"
+            figs.append(image(plots.correlation_heatmap(corr, labels, title)))
+    body = table(header, rows) + f'<div class="figs">{"".join(figs)}</div>'
+    out = section(
+        "Functional connectivity",
+        body,
+        f"Correlation of unit activations on {analysis['probe']} test inputs, units ordered by "
+        "Louvain community. Look for bright diagonal blocks: units that work as modules. "
+        "NMI compares the communities with the designed ensembles (1 = function follows wiring).",
+    )
+    cka = np.array(analysis["cka_between_stages"])
+    out += section(
+        "Representation similarity",
+        image(plots.matrix_heatmap(cka, "linear CKA between stages", "stage", "stage")),
+        "Linear CKA between stage outputs: 1 = the same representation up to rotation and scale. "
+        "A fast fall-off means each stage transforms its input substantially.",
+    )
+    if analysis.get("path_norm"):
+        pn = analysis["path_norm"]
+        out += section(
+            "Path-norm",
+            table(["norm", "value"], [["L1", fmt(pn["l1"])], ["L2", fmt(pn["l2"])]]),
+            "Path-norms of the trained network (one forward pass of |θ| on a ones input); "
+            "smaller values go with better generalisation bounds.",
+        )
+    return out
+
+
+def render(run_dir: Path, bench: list[Path] | None = None) -> str:
+    """The report page of ``run_dir`` as an HTML string."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    parts = [section("Overview", overview(summary))]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    if rows:
+        fig = plots.learning_curves(rows, f"{run_dir.name} ({summary.get('method')})")
+        parts.append(
+            section(
+                "Learning curves",
+                image(fig),
+                "Loss and accuracy per epoch. A widening gap between train and validation "
+                "means overfitting; the best checkpoint is the epoch of highest validation "
+                "accuracy.",
+            )
+        )
+    if (run_dir / "analysis.json").exists():
+        analysis = json.loads((run_dir / "analysis.json").read_text())
+        with np.load(run_dir / "analysis.npz") as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        parts.append(analysis_sections(analysis, arrays))
+    if (run_dir / "exits.json").exists():
+        exits = json.loads((run_dir / "exits.json").read_text())
+        parts.append(
+            section(
+                "Early exit",
+                image(plots.exits_figure(exits)),
+                "Accuracy against mean stages executed for the confidence-threshold and "
+                "learned-gate policies: up and to the left is better; the dotted line is one "
+                "point below running every stage.",
+            )
+        )
+    for path in bench or []:
+        parts.append(section(f"Benchmark: {path.stem}", markdown_table(path.read_text())))
+    config = (run_dir / "config.yaml").read_text()
+    parts.append(section("Configuration", f"<pre>{html.escape(config)}</pre>"))
+    title = f"neuroplex report: {run_dir.name}"
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
+        f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"{''.join(parts)}</body></html>\n"
+    )
+
+
+def write_report(run_dir: Path, bench: list[Path] | None = None) -> Path:
+    path = run_dir / "report.html"
+    atomic_write_text(path, render(run_dir, bench))
+    return path

@@ -1,0 +1,100 @@
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from neuroplex.analysis.run import analyze_run
+from neuroplex.config import load_config
+from neuroplex.report.html import markdown_table, write_report
+from neuroplex.train import train
+from neuroplex.train.runs import evaluate_exits
+
+SECTIONS = [
+    "Overview",
+    "Learning curves",
+    "Functional connectivity",
+    "Representation similarity",
+    "Early exit",
+    "Benchmark: local",
+    "Configuration",
+]
+
+
+@pytest.fixture(scope="module")
+def report_path(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEUROPLEX_CACHE", str(tmp / "cache"))
+        cfg = load_config(
+            None,
+            [
+                "data.name=digits",
+                "model.stages=[{kind: dense, width: 24}, {kind: dense, width: 16}]",
+                "train.method=local",
+                "train.aux.kind=linear",
+                "train.epochs=2",
+                "train.batch_size=64",
+            ],
+        )
+        run = tmp / "run"
+        train(cfg, run)
+        analyze_run(run, probe=200)
+        evaluate_exits(run)
+        bench = tmp / "local.md"
+        bench.write_text("Numbers.\n\n| a | b |\n|---|---|\n| 1 | <x> |\n")
+        return write_report(run, [bench])
+
+
+def test_report_is_one_self_contained_page_with_every_section(report_path):
+    page = report_path.read_text()
+    for title in SECTIONS:
+        assert f"<h2>{title}</h2>" in page, title
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched
+    assert page.count("data:image/png;base64,") >= 5
+    assert "&lt;x&gt;" in page  # table cells escaped
+
+
+def test_markdown_table_drops_the_rule_row_and_keeps_prose():
+    out = markdown_table("Title line\n| h1 | h2 |\n|---|:-:|\n| 1 | 2 |\n")
+    assert out.startswith("<p>Title line</p><table>")
+    assert "<th>h1</th><th>h2</th>" in out and "<td>1</td><td>2</td>" in out
+    assert "---" not in out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (.ci/run installs Debian chromium)")
+def test_report_renders_in_headless_chromium(report_path, tmp_path):
+    from PIL import Image
+
+    shot = tmp_path / "shot.png"
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    url = report_path.as_uri()
+    subprocess.run(
+        [CHROMIUM, *FLAGS, *profile, f"--screenshot={shot}", "--window-size=1200,2400", url],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dom = subprocess.run(
+        [CHROMIUM, *FLAGS, *profile, "--dump-dom", url],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for title in SECTIONS:
+        assert title in dom
+    pixels = Image.open(shot).convert("L")
+    assert len(set(pixels.getdata())) > 20  # text and plots, not a blank page
