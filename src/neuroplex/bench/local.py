@@ -53,20 +53,22 @@ def run_one(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
 
 def run(stage_counts: list[int], seeds: int, steps: int, width: int, out: Path) -> dict[str, Any]:
-    rows = []
+    """Seed by seed (so a cut-short benchmark stays balanced), every stage count and method;
+    the JSON and table are rewritten after every run."""
+    result: dict[str, Any] = {"machine": machine(), "steps": steps, "width": width, "runs": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
-        for stages in stage_counts:
-            for name, method in METHODS.items():
-                for seed in range(seeds):
+        for seed in range(seeds):
+            for stages in stage_counts:
+                for name, method in METHODS.items():
                     overrides = [*base_overrides(stages, width, steps), *method, f"seed={seed}"]
                     run_dir = Path(tmp) / f"{stages}-{name.replace(' / ', '-')}-{seed}"
                     summary = run_one(overrides, run_dir)
-                    rows.append({**summary, "stages": stages, "method": name, "seed": seed})
+                    row = {**summary, "stages": stages, "method": name, "seed": seed}
+                    result["runs"].append(row)
+                    atomic_write_json(out, result)
+                    atomic_write_text(out.with_suffix(".md"), table(result))
                     print(f"stages={stages} {name} seed={seed}: test_acc={summary['test_acc']}")
-    result = {"machine": machine(), "steps": steps, "width": width, "runs": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, result)
-    atomic_write_text(out.with_suffix(".md"), table(result))
     return result
 
 
