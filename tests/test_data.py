@@ -107,12 +107,25 @@ def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_describe_datasets_does_not_generate(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _count_make_dataset(monkeypatch)
     info = {d["name"]: d for d in describe_datasets()}
-    assert set(info) == {"mnist1d", "digits", "file"}
+    assert set(info) == {"mnist1d", "mnist1d_shifted", "digits", "file"}
     assert (info["mnist1d"]["samples"], info["mnist1d"]["features"]) == (5000, 40)
     assert (info["digits"]["samples"], info["digits"]["features"]) == (1797, 64)
     assert all(d["classes"] == 10 for d in (info["mnist1d"], info["digits"]))
     assert ".npz" in info["file"]["description"] and ".csv" in info["file"]["description"]
     assert calls == []
+
+
+def test_mnist1d_shifted_is_another_distribution_of_the_same_shape() -> None:
+    shifted = load_dataset(DataConfig(name="mnist1d_shifted", standardize=False))
+    plain = load_dataset(DataConfig(name="mnist1d", standardize=False))
+    assert shifted.train.x.shape == plain.train.x.shape and shifted.n_classes == 10
+    assert not torch.equal(shifted.train.x, plain.train.x)
+
+    # stronger noise: neighbouring time steps are less alike than in the standard set
+    def roughness(x: torch.Tensor) -> float:
+        return float((x[:, 1:] - x[:, :-1]).abs().mean() / x.abs().mean())
+
+    assert roughness(shifted.train.x) > roughness(plain.train.x)
 
 
 # ---------------------------------------------------------------------------------------------

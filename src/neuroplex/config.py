@@ -25,7 +25,7 @@ class StrictModel(BaseModel):
 
 
 class DataConfig(StrictModel):
-    name: Literal["mnist1d", "digits", "file"] = Field(
+    name: Literal["mnist1d", "mnist1d_shifted", "digits", "file"] = Field(
         "mnist1d",
         description="dataset; mnist1d is generated offline, digits ships with scikit-learn",
     )
@@ -34,7 +34,7 @@ class DataConfig(StrictModel):
         "label", description="for .csv files: the label column, by header name or 0-based index"
     )
     num_samples: int = Field(
-        5000, ge=100, description="mnist1d only: total samples (5000 = standard 4000/1000 split)"
+        5000, ge=100, description="mnist1d*: total samples (5000 = standard 4000/1000 split)"
     )
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="fraction of the training split held out for validation"

@@ -39,6 +39,19 @@ DIGITS_FEATURES = 64
 DIGITS_CLASSES = 10
 STD_FLOOR = 1e-8
 _MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
+# Generation arguments changed from mnist1d's defaults. `mnist1d_shifted` is a harder, shifted
+# distribution (stronger scaling, shear and noise; other samples): a user's own data for
+# `neuroplex customize`, built in.
+MNIST1D_VARIANTS: dict[str, dict[str, Any]] = {
+    "mnist1d": {},
+    "mnist1d_shifted": {
+        "scale_coeff": 0.8,
+        "shear_scale": 1.5,
+        "corr_noise_scale": 0.5,
+        "iid_noise_scale": 0.1,
+        "seed": 7,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -76,8 +89,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
     Raises DataError (one line, naming the file) for unusable user files.
     """
-    if cfg.name == "mnist1d":
-        x, y, x_test, y_test = _mnist1d_arrays(cfg.num_samples)
+    if cfg.name in MNIST1D_VARIANTS:
+        x, y, x_test, y_test = _mnist1d_arrays(cfg.num_samples, MNIST1D_VARIANTS[cfg.name])
         names = [str(i) for i in range(MNIST1D_CLASSES)]
         source = "mnist1d"
         keep, val = _carve(y, cfg.val_fraction, len(names), len(y_test), cfg.split_seed, source)
@@ -110,6 +123,14 @@ def describe_datasets() -> list[dict[str, Any]]:
             "classes": MNIST1D_CLASSES,
             "description": "MNIST-1D: 1-D signals of the 10 digits, generated offline and cached; "
             "4000 train / 1000 test at the default data.num_samples=5000",
+        },
+        {
+            "name": "mnist1d_shifted",
+            "samples": 5000,
+            "features": MNIST1D_FEATURES,
+            "classes": MNIST1D_CLASSES,
+            "description": "MNIST-1D generated with stronger scaling, shear and noise: a shifted "
+            "distribution, the built-in user data of `neuroplex customize`",
         },
         {
             "name": "digits",
@@ -241,9 +262,13 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x.astype(np.float64), y.astype(np.int64), [str(i) for i in range(DIGITS_CLASSES)]
 
 
-def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNIST-1D (x [0.8N, 40], y [0.8N], x_test [0.2N, 40], y_test [0.2N]), from cache if there."""
+def _mnist1d_arrays(
+    num_samples: int, changes: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-1D (x [0.8N, 40], y [0.8N], x_test [0.2N, 40], y_test [0.2N]) generated with the
+    default arguments updated by ``changes``; from the cache if there."""
     args = _mnist1d_args(num_samples)
+    vars(args).update(changes)
     key = {k: v for k, v in vars(args).items() if k != "url"}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"mnist1d_n{num_samples}_{digest}.npz"
