@@ -121,11 +121,11 @@ def test_mnist1d_shifted_is_another_distribution_of_the_same_shape() -> None:
     assert shifted.train.x.shape == plain.train.x.shape and shifted.n_classes == 10
     assert not torch.equal(shifted.train.x, plain.train.x)
 
-    # stronger noise: neighbouring time steps are less alike than in the standard set
-    def roughness(x: torch.Tensor) -> float:
-        return float((x[:, 1:] - x[:, :-1]).abs().mean() / x.abs().mean())
+    # wider padding: the signal occupies less of the sequence, so more steps are near zero
+    def quiet(x: torch.Tensor) -> float:
+        return float((x.abs() < 0.1).float().mean())
 
-    assert roughness(shifted.train.x) > roughness(plain.train.x)
+    assert quiet(shifted.train.x) != pytest.approx(quiet(plain.train.x), abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

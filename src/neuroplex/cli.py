@@ -302,6 +302,30 @@ def report(
     print(f"report: {write_report(run_dir, bench)}")
 
 
+@app.command()
+@user_errors
+def customize(
+    run_dir: Annotated[Path, typer.Argument(help="a trained run (its best checkpoint)")],
+    data: Annotated[str, typer.Option(help="dataset name (e.g. mnist1d_shifted) or .npz/.csv")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Freeze the run as global expert; train a small local expert and a gate on new data."""
+    from neuroplex.train.customize import customize as run_customize
+
+    summary = run_customize(run_dir, data, out, epochs=epochs, seed=seed)
+    before, after = summary["before"], summary["after"]
+    print(
+        f"new data: {100 * before['new_test_acc']:.1f}% -> {100 * after['new_test_acc']:.1f}%  "
+        f"original: {100 * before['original_test_acc']:.1f}% -> "
+        f"{100 * after['original_test_acc']:.1f}%  cost: "
+        f"{100 * summary['cost_fraction']['params']:.1f}% params, "
+        f"{100 * summary['cost_fraction']['macs']:.1f}% MACs of the global expert"
+    )
+    print(f"summary: {out / 'summary.json'}")
+
+
 @bench_app.command("local")
 @user_errors
 def bench_local(
