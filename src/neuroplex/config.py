@@ -48,7 +48,7 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _file_needs_path(self) -> DataConfig:
         if self.name == "file" and self.path is None:
-            raise ValueError("data.path: missing: name=file needs a .npz or .csv path")
+            raise ValueError("path: missing: name=file needs a .npz or .csv path")
         return self
 
 
@@ -65,8 +65,71 @@ class DenseStageConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each activation")
 
 
-# Later stage kinds (moe, sparse) join this union; the discriminator is ``kind``.
-StageConfig = Annotated[Union[DenseStageConfig], Field(discriminator="kind")]  # noqa: UP007
+class MoEStageConfig(StrictModel):
+    """A gated mixture of expert MLPs: each input goes to its top-k experts, then a norm."""
+
+    kind: Literal["moe"] = Field("moe", description="stage kind")
+    width: int = Field(256, ge=1, description="output units")
+    experts: int = Field(8, ge=1, description="number of experts")
+    k: int = Field(2, ge=1, description="experts per input")
+    expert_hidden: int = Field(128, ge=1, description="hidden width of each expert MLP")
+    router: Literal["noisy_topk", "softmax_topk", "dts_temperature", "dts_activation"] = Field(
+        "noisy_topk", description="gating network"
+    )
+    capacity_factor: float | None = Field(
+        None,
+        gt=0,
+        description="training capacity per expert (x k x inputs / experts); null = no drop",
+    )
+    eval_capacity_factor: float | None = Field(None, gt=0, description="the same in evaluation")
+    drop: Literal["residual", "zero"] = Field(
+        "zero", description="output of an input whose every expert was full"
+    )
+    balance: Literal["cv2", "switch"] = Field("cv2", description="load-balancing loss")
+    balance_weight: float = Field(1e-2, ge=0, description="weight of the balance loss")
+    z_loss_weight: float = Field(1e-3, ge=0, description="weight of the router z-loss")
+    norm: Literal["layernorm", "batchnorm", "none"] = Field("layernorm", description="after mixing")
+    activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="in experts")
+
+    @model_validator(mode="after")
+    def _k_at_most_experts(self) -> MoEStageConfig:
+        if self.k > self.experts:
+            raise ValueError(f"k = {self.k}: must be <= experts ({self.experts})")
+        return self
+
+
+class SparseStageConfig(StrictModel):
+    """``layers`` sparse layers (SparseLinear over a Wiring) -> norm -> activation -> dropout."""
+
+    kind: Literal["sparse"] = Field("sparse", description="stage kind")
+    width: int = Field(256, ge=1, description="units per layer")
+    layers: int = Field(1, ge=1, description="sparse layers in the stage")
+    wiring: Literal["modular", "random", "dense", "hypergraph"] = Field(
+        "modular", description="connectivity builder"
+    )
+    ensembles: int = Field(8, ge=1, description="modular: ensembles on each side")
+    m: int = Field(1, ge=0, description="modular: other input ensembles per output ensemble")
+    pattern: Literal["ring", "random", "shuffle"] = Field("ring", description="modular pattern")
+    epsilon: float = Field(20.0, gt=0, description="random: SET density parameter")
+    hypergraph: Path | None = Field(None, description="hypergraph: JSON incidence file")
+    norm: Literal["layernorm", "batchnorm", "none"] = Field("layernorm")
+    activation: Literal["gelu", "relu", "tanh", "silu"] = "gelu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _wiring_arguments(self) -> SparseStageConfig:
+        if self.wiring == "modular" and self.m >= self.ensembles:
+            raise ValueError(f"m = {self.m}: must be < ensembles ({self.ensembles})")
+        if self.wiring == "hypergraph" and self.hypergraph is None:
+            raise ValueError("hypergraph: missing; wiring=hypergraph needs a JSON incidence file")
+        return self
+
+
+# The discriminator is ``kind``; a new stage kind adds its config here and a builder in stages.py.
+StageConfig = Annotated[
+    Union[DenseStageConfig, MoEStageConfig, SparseStageConfig],  # noqa: UP007
+    Field(discriminator="kind"),
+]
 
 
 def _four_dense_stages() -> list[DenseStageConfig]:
@@ -121,7 +184,7 @@ class TrainConfig(StrictModel):
     def _check_betas(self) -> TrainConfig:
         for i, b in enumerate(self.betas):
             if not 0 <= b < 1:
-                raise ValueError(f"train.betas.{i} = {b}: must be in [0, 1)")
+                raise ValueError(f"betas.{i} = {b}: must be in [0, 1)")
         return self
 
 
@@ -258,8 +321,9 @@ def format_validation_error(
         return f"{dotted}.kind = {ctx.get('tag')!r}: must be one of {ctx.get('expected_tags')}"
     if kind == "union_tag_not_found":
         return f"{dotted}.kind: missing; every stage needs a kind"
-    if kind == "value_error":
-        return str(ctx.get("error", message))
+    if kind == "value_error":  # a model validator: its message is relative to the model
+        text = str(ctx.get("error", message))
+        return f"{dotted}.{text}" if path else text
     value = _lookup(raw, path)
     expected = message.replace("Input should be", "must be").replace("Input ", "")
     return f"{dotted} = {value!r}: {expected}"
@@ -310,7 +374,11 @@ def _lookup(raw: Any, path: list[str | int]) -> Any:
     return node
 
 
-STAGE_CONFIGS: dict[str, type[BaseModel]] = {"dense": DenseStageConfig}
+STAGE_CONFIGS: dict[str, type[BaseModel]] = {
+    "dense": DenseStageConfig,
+    "moe": MoEStageConfig,
+    "sparse": SparseStageConfig,
+}
 
 
 def to_yaml(config: Config) -> str:

@@ -16,8 +16,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuroplex.config import DenseStageConfig, ModelConfig
+from neuroplex import wiring
+from neuroplex.config import DenseStageConfig, ModelConfig, MoEStageConfig, SparseStageConfig
 from neuroplex.layers import DenseStage, StageOutput
+from neuroplex.layers.moe import MoE
+from neuroplex.layers.stages import GatedStage, SparseStage
+from neuroplex.wiring import Wiring
 
 
 class NetworkOutput(NamedTuple):
@@ -101,8 +105,54 @@ def build_dense_stage(cfg: DenseStageConfig, d_in: int) -> nn.Module:
     )
 
 
+def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
+    moe = MoE(
+        d_in,
+        cfg.width,
+        cfg.experts,
+        cfg.k,
+        cfg.expert_hidden,
+        router=cfg.router,
+        capacity_factor=cfg.capacity_factor,
+        eval_capacity_factor=cfg.eval_capacity_factor,
+        drop=cfg.drop,
+        balance=cfg.balance,
+        balance_weight=cfg.balance_weight,
+        z_loss_weight=cfg.z_loss_weight,
+        act_layer=ACTIVATIONS[cfg.activation],
+    )
+    return GatedStage(moe, NORMS[cfg.norm])
+
+
+def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:
+    if cfg.wiring == "modular":
+        return wiring.modular(n_in, cfg.width, cfg.ensembles, cfg.m, cfg.pattern, seed=seed)
+    if cfg.wiring == "random":
+        return wiring.random(n_in, cfg.width, cfg.epsilon, seed=seed)
+    if cfg.wiring == "hypergraph":
+        return wiring.hypergraph_from_file(cfg.hypergraph)
+    return wiring.dense(n_in, cfg.width)
+
+
+def build_sparse_stage(cfg: SparseStageConfig, d_in: int) -> nn.Module:
+    dims = [d_in] + [cfg.width] * cfg.layers
+    # wiring seeds come from torch's generator, so they follow the run's seed
+    seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()
+    wirings = [build_wiring(cfg, n, seed=seed) for n, seed in zip(dims[:-1], seeds, strict=True)]
+    return SparseStage(
+        wirings,
+        norm_layer=NORMS[cfg.norm],
+        act_layer=ACTIVATIONS[cfg.activation],
+        dropout=cfg.dropout,
+    )
+
+
 StageBuilder = Callable[[Any, int], nn.Module]
-STAGE_BUILDERS: dict[str, StageBuilder] = {"dense": build_dense_stage}
+STAGE_BUILDERS: dict[str, StageBuilder] = {
+    "dense": build_dense_stage,
+    "moe": build_moe_stage,
+    "sparse": build_sparse_stage,
+}
 
 
 def register_stage(kind: str, builder: StageBuilder) -> None:

@@ -98,6 +98,7 @@ def run_epoch(
     bs = s.cfg.train.batch_size
     loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
     stat_sums: dict[str, float] = {}
+    scheduled = [m for m in s.model.modules() if hasattr(m, "set_progress")]
     t0 = time.perf_counter()
     for start in range(0, len(order), bs):
         if state.step >= s.total_steps:
@@ -105,6 +106,8 @@ def run_epoch(
         idx = s.world.shard(order[start : start + bs])
         x, y = train_split.x[idx], train_split.y[idx]
         lr = lr_at(state.step, s.total_steps, s.cfg.train)
+        for module in scheduled:  # e.g. dense-to-sparse routers anneal with training progress
+            module.set_progress(state.step / max(s.total_steps - 1, 1))
         with meter.track():
             result = s.method.step(x, y, lr)
         loss = float(result.loss)
@@ -118,8 +121,8 @@ def run_epoch(
         loss_sum += loss * len(idx)
         correct += int(result.correct)
         seen += len(idx)
-        for key, value in result.stats.items():
-            stat_sums[key] = stat_sums.get(key, 0.0) + float(value.float().mean())
+        for key, value in flat_stats(result.stats).items():
+            stat_sums[key] = stat_sums.get(key, 0.0) + value
         progress.advance(state.step, loss)
     seconds = time.perf_counter() - t0
     keys = sorted(stat_sums)
@@ -144,6 +147,18 @@ def run_epoch(
     }
     record["is_best"] = update_best(state, record)
     return record
+
+
+def flat_stats(stats: dict[str, Tensor]) -> dict[str, float]:
+    """Scalars as they are; vectors (e.g. per-expert load ``[e]``) as ``key.0``, ``key.1``..."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        values = value.detach().float().flatten().tolist()
+        if len(values) == 1:
+            out[key] = values[0]
+        else:
+            out.update({f"{key}.{i}": v for i, v in enumerate(values)})
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:

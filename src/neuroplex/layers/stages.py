@@ -1,0 +1,60 @@
+"""Stages built from sparse layers and mixtures of experts (dense stages live in dense.py).
+
+Shape legend: ``b`` batch, ``d`` input features, ``h`` width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor, nn
+
+from neuroplex.layers.moe import MoE
+from neuroplex.layers.output import StageOutput
+from neuroplex.layers.sparse import SparseLinear
+from neuroplex.wiring import Wiring
+
+
+class SparseBlock(nn.Module):
+    """SparseLinear(wiring) -> norm -> activation -> dropout. ``[b, n_in] -> [b, n_out]``."""
+
+    def __init__(
+        self,
+        wiring: Wiring,
+        *,
+        norm_layer: type[nn.Module] | None = nn.LayerNorm,
+        act_layer: type[nn.Module] = nn.GELU,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.linear = SparseLinear(wiring)
+        self.norm = norm_layer(wiring.n_out) if norm_layer is not None else nn.Identity()
+        self.act = act_layer()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.act(self.norm(self.linear(x))))
+
+
+class SparseStage(nn.Sequential):
+    """SparseBlocks, one per wiring. ``[b, d] -> [b, h]``. ``ensemble_labels`` names the output
+    ensemble of every output unit (what functional analysis compares communities with)."""
+
+    def __init__(self, wirings: list[Wiring], **block_kwargs) -> None:
+        super().__init__(*(SparseBlock(w, **block_kwargs) for w in wirings))
+        last = wirings[-1]
+        self.d_out = last.n_out
+        self.ensemble_labels = np.repeat(np.arange(len(last.out_sizes)), last.out_sizes)
+
+
+class GatedStage(nn.Module):
+    """A mixture of experts followed by a norm. ``[b, d] -> StageOutput([b, h], aux, stats)``."""
+
+    def __init__(self, moe: MoE, norm_layer: type[nn.Module] | None = nn.LayerNorm) -> None:
+        super().__init__()
+        self.moe = moe
+        self.d_out = moe.d_out
+        self.norm = norm_layer(moe.d_out) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> StageOutput:
+        out = self.moe(x)
+        return StageOutput(self.norm(out.x), out.aux_loss, out.stats)

@@ -1,0 +1,217 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from neuroplex import wiring as W
+from neuroplex.layers import sparse
+from neuroplex.layers.sparse import SparseLinear, choose_path
+from neuroplex.wiring import Wiring, WiringError
+
+F64 = torch.float64
+
+
+@st.composite
+def wirings(draw) -> Wiring:
+    """A small wiring from every builder (sizes may be uneven, so blocks get padded)."""
+    kind = draw(st.sampled_from(["dense", "ring", "random", "shuffle", "unit", "hypergraph"]))
+    seed = draw(st.integers(0, 100))
+    if kind == "dense":
+        return W.dense(draw(st.integers(1, 8)), draw(st.integers(1, 8)))
+    if kind in ("ring", "random", "shuffle"):
+        g = draw(st.integers(1, 5))
+        m = draw(st.integers(0, g - 1))
+        n_in, n_out = draw(st.integers(g, 3 * g + 2)), draw(st.integers(g, 3 * g + 2))
+        return W.modular(n_in, n_out, g, m, kind, seed=seed)
+    if kind == "unit":
+        eps = draw(st.floats(0.2, 3.0))
+        return W.random(draw(st.integers(1, 10)), draw(st.integers(1, 10)), eps, seed=seed)
+    in_sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    out_sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    ensemble = st.integers(0, len(in_sizes) - 1)
+    incidence = []
+    for j in range(len(out_sizes)):
+        sets = st.lists(st.frozensets(ensemble, min_size=1), min_size=1, max_size=3, unique=True)
+        incidence += [(sorted(s), j) for s in draw(sets)]
+    return W.hypergraph(in_sizes, out_sizes, incidence)
+
+
+def paths_for(wiring: Wiring) -> list[str]:
+    """Every path that can run ``wiring`` (so the block kernels run on small cases too)."""
+    paths = ["auto", "masked-dense"]
+    if wiring.is_block:
+        paths.append("block-gather")
+        try:
+            SparseLinear(wiring, path="block-window")
+            paths.append("block-window")
+        except WiringError:
+            pass
+    return paths
+
+
+def dense_view(layer: SparseLinear, weight: torch.Tensor) -> torch.Tensor:
+    """``layer.dense_weight()`` evaluated at another ``weight`` (e.g. its gradient)."""
+    saved = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        out = layer.dense_weight().clone()
+        layer.weight.copy_(saved)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(wiring=wirings(), batch=st.integers(1, 4), bias=st.booleans())
+def test_matches_masked_linear_with_gradients(wiring, batch, bias):
+    mask = torch.as_tensor(wiring.to_mask())
+    for path in paths_for(wiring):
+        layer = SparseLinear(wiring, bias=bias, path=path, dtype=F64)
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        x = torch.randn(batch, wiring.n_in, dtype=F64, requires_grad=True)
+        dense = layer.dense_weight()
+        assert dense.shape == mask.shape and (dense[~mask] == 0).all()
+        y = layer(x)
+        gy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, *params], gy)
+        y_ref = F.linear(x, dense, layer.bias)  # dense is W * mask
+        ref = torch.autograd.grad(y_ref, [x, *params], gy)
+        torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=0)
+        for got, want in zip(grads, ref, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+        # the weight gradient, seen as a dense matrix, is (gy^T x) * mask
+        grad_w = dense_view(layer, grads[1])
+        torch.testing.assert_close(grad_w, (gy.t() @ x.detach()) * mask, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gather_in_several_chunks(monkeypatch, bias):
+    monkeypatch.setattr(sparse, "GATHER_BYTES", 1)  # one slot per chunk
+    wiring = W.hypergraph([3, 4, 2], [2, 5], [([0, 2], 0), ([1], 1), ([0], 1), ([2], 1)])
+    layer = SparseLinear(wiring, bias=bias, path="block-gather", dtype=F64)
+    assert layer.geo["k"] == 3  # output 0 has 2 input ensembles + 1 dummy block
+    x = torch.randn(3, 9, dtype=F64, requires_grad=True)
+    params = [x, *layer.parameters()]
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y_ref = F.linear(x, layer.dense_weight(), layer.bias)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=0)
+    grads = torch.autograd.grad(y, params, gy)
+    for got, want in zip(grads, torch.autograd.grad(y_ref, params, gy), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_dense_wiring_equals_nn_linear():
+    layer = SparseLinear(W.dense(6, 5), dtype=F64)
+    assert layer.path == "dense"
+    ref = nn.Linear(6, 5, dtype=F64)
+    ref.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
+    x = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    y, y_ref = layer(x), ref(x)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    y.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    y_ref.sum().backward()
+    torch.testing.assert_close(gx, x.grad, atol=0, rtol=0)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["auto", "masked-dense", "block-gather"])
+def test_init_bound_uses_each_units_real_fan_in(path):
+    # output ensemble 0 reads 8 units, ensemble 1 reads 8 + 200 units
+    wiring = W.hypergraph([8, 200], [60, 60], [([0], 0), ([0, 1], 1)])
+    layer = SparseLinear(wiring, path=path)
+    dense, bias = layer.dense_weight().detach(), layer.bias.detach()
+    for rows, fan_in in ((slice(0, 60), 8), (slice(60, 120), 208)):
+        bound = fan_in**-0.5
+        w = dense[rows][torch.as_tensor(wiring.to_mask())[rows]]
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert bias[rows].abs().max() <= bound
+
+
+def test_init_of_a_unit_mask_and_of_a_unit_with_no_input():
+    mask = torch.zeros(3, 50, dtype=torch.bool)
+    mask[0, :4] = mask[1, :] = True  # fan-in 4, 50, 0
+    layer = SparseLinear(Wiring((50,), (3,), unit_mask=mask.numpy()))
+    dense = layer.dense_weight().detach()
+    assert dense[0].abs().max() <= 0.5 and dense[1].abs().max() <= 50**-0.5
+    assert (dense[2] == 0).all() and layer.bias[2] == 0
+
+
+@pytest.mark.parametrize(
+    ("wiring", "path", "buffers"),
+    [
+        (W.random(12, 10, 2.0), "auto", {"mask"}),
+        (W.modular(16, 16, 4, 1), "block-window", {"block_in", "block_out"}),
+        (W.modular(16, 16, 4, 1, "random"), "block-gather", {"block_in", "block_out"}),
+        (W.modular(15, 17, 4, 1, "random"), "block-gather", {"block_in", "block_out"}),
+        (W.dense(4, 4), "auto", set()),
+    ],
+    ids=["unit-mask", "window", "gather", "padded", "dense"],
+)
+def test_structure_is_in_the_state_dict_and_round_trips(wiring, path, buffers):
+    a = SparseLinear(wiring, path=path, dtype=F64)
+    assert set(a.state_dict()) == {"weight", "bias"} | buffers
+    b = SparseLinear(wiring, path=path, dtype=F64)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = torch.randn(5, wiring.n_in, dtype=F64)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_loading_a_checkpoint_of_another_wiring_fails_with_a_sentence():
+    a = SparseLinear(W.modular(16, 16, 4, 1, "random", seed=0), path="block-gather")
+    b = SparseLinear(W.modular(16, 16, 4, 1, "random", seed=1), path="block-gather")
+    with pytest.raises(RuntimeError, match="saved from another wiring"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_no_grad_eval_3d_input_and_non_contiguous_input():
+    layer = SparseLinear(W.modular(12, 8, 4, 1, "ring"), dtype=F64).eval()
+    x = torch.randn(2, 3, 12, dtype=F64)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 3, 8) and not y.requires_grad
+    torch.testing.assert_close(y, F.linear(x, layer.dense_weight(), layer.bias))
+    xt = torch.randn(12, 5, dtype=F64).t()  # non-contiguous [5, 12]
+    torch.testing.assert_close(layer(xt), F.linear(xt, layer.dense_weight(), layer.bias))
+
+
+def test_float32_default_dtype_and_extra_repr():
+    layer = SparseLinear(W.modular(64, 64, 4, 1, "ring"), bias=False)
+    assert layer.weight.dtype == torch.float32 and layer.bias is None
+    assert layer(torch.randn(2, 64)).dtype == torch.float32
+    text = repr(layer)
+    for part in ("in_features=64", "out_features=64", "density=0.5", "ensembles=(4, 4)"):
+        assert part in text
+    assert "path=block-window" in text
+    assert "path=masked-dense" in repr(SparseLinear(W.random(8, 8, 1.0)))
+
+
+def test_path_rule():
+    assert choose_path(W.dense(8, 8)) == "dense"
+    assert choose_path(W.modular(8, 8, 4, 3)) == "dense"  # m = g - 1 connects everything
+    assert choose_path(W.random(64, 64, 4.0)) == "masked-dense"
+    assert choose_path(W.modular(4096, 4096, 64, 5, "ring")) == "block-window"
+    assert choose_path(W.modular(4096, 4096, 64, 5, "shuffle")) == "block-window"
+    assert choose_path(W.modular(4096, 4096, 64, 5, "random")) == "block-gather"
+    assert choose_path(W.modular(4096, 4096, 256, 127, "random")) == "masked-dense"
+
+
+SKIP_ONE = W.hypergraph([2] * 4, [2] * 4, [([j, (j + 2) % 4], j) for j in range(4)])
+
+
+@pytest.mark.parametrize(
+    ("wiring", "path", "phrase"),
+    [
+        (W.random(8, 8, 1.0), "block-gather", "needs a block wiring"),
+        (SKIP_ONE, "block-window", "use 'block-gather'"),
+        (W.modular(16, 16, 4, 1), "dense", "needs density 1"),
+        (W.dense(2, 2), "fast", "path 'fast' is unknown"),
+    ],
+)
+def test_forcing_a_path_that_cannot_run_is_a_clear_error(wiring, path, phrase):
+    with pytest.raises(WiringError, match=phrase):
+        SparseLinear(wiring, path=path)

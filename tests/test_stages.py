@@ -1,0 +1,72 @@
+"""Stage kinds moe and sparse: built from config, trained by the one loop with either method."""
+
+import numpy as np
+import pytest
+import torch
+
+from neuroplex.config import load_config
+from neuroplex.errors import ConfigError
+from neuroplex.files import read_jsonl
+from neuroplex.layers.stages import GatedStage, SparseStage
+from neuroplex.network import build_network
+from neuroplex.train import train
+
+MIXED = (
+    "model.stages=[{kind: sparse, width: 32, ensembles: 4, m: 1},"
+    " {kind: moe, width: 32, experts: 4, k: 2, expert_hidden: 16}]"
+)
+
+
+def test_sparse_and_moe_stages_build_and_report_side_results():
+    cfg = load_config(None, [MIXED])
+    torch.manual_seed(0)
+    net = build_network(cfg.model, n_features=12, n_classes=3)
+    assert isinstance(net.stages[0], SparseStage) and isinstance(net.stages[1], GatedStage)
+    assert np.array_equal(net.stages[0].ensemble_labels, np.repeat(np.arange(4), 8))
+    out = net.forward_stages(torch.randn(20, 12))
+    assert out.logits.shape == (20, 3)
+    assert out.aux_loss.item() >= 0
+    assert out.stats["stage1.load"].shape == (4,)
+
+
+@pytest.mark.parametrize("method", ["backprop", "local"])
+def test_loop_trains_mixed_stages_and_logs_expert_load(method, tmp_path):
+    cfg = load_config(
+        None,
+        ["data.name=digits", MIXED, f"train.method={method}", "train.epochs=3", "train.lr=0.01"],
+    )
+    summary = train(cfg, tmp_path / "run")
+    assert summary["test_acc"] > 0.6
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    loads = [row[f"stage1.load.{i}"] for i in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        (
+            "model.stages=[{kind: moe, experts: 2, k: 3}]",
+            "model.stages.0.k = 3: must be <= experts",
+        ),
+        ("model.stages=[{kind: sparse, ensembles: 4, m: 4}]", "model.stages.0.m = 4"),
+        ("model.stages=[{kind: moe, router: magic}]", "model.stages.0.router = 'magic'"),
+        ("model.stages=[{kind: moe, capacity_factor: 0}]", "model.stages.0.capacity_factor = 0"),
+        ("model.stages=[{kind: sparse, wiring: hypergraph}]", "model.stages.0.hypergraph: missing"),
+    ],
+)
+def test_bad_stage_configs_name_the_field(override, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_the_loop_anneals_dense_to_sparse_routers(tmp_path):
+    from neuroplex.train.runs import load_run
+
+    stages = "model.stages=[{kind: moe, width: 16, experts: 4, k: 1, router: dts_temperature}]"
+    cfg = load_config(None, ["data.name=digits", stages, "train.epochs=2"])
+    train(cfg, tmp_path / "run")
+    s, _ = load_run(tmp_path / "run", "last")
+    router = s.model.stages[0].moe.router
+    assert float(router.progress) == pytest.approx(1.0)  # the last step saw the end of training
+    assert router.schedule()[1] == 1  # exactly top-k at the end
