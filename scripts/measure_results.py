@@ -25,7 +25,7 @@ from neuroplex.train import train
 from neuroplex.train.progress import PlainProgress
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["configs/mnist1d_mlp.yaml", "configs/digits_mlp.yaml"]
+CONFIGS = ["configs/mnist1d_mlp.yaml", "configs/mnist1d_local.yaml", "configs/digits_mlp.yaml"]
 
 
 def run_all(seeds: int, out: Path) -> dict:

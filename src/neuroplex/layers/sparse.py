@@ -22,9 +22,11 @@ Both block paths store ``weight [g_out, k*s_in, s_out]``: rows ``t*s_in:(t+1)*s_
 ``block_out[q*k+t]`` (``-1``: a dummy). Unequal ensemble sizes are zero-padded to the largest
 size per side; padded and dummy weight entries are masked to zero.
 
-Rule, from the fwd+bwd benchmark (4096x4096, batch 256 and 2048, 2 threads): take the block
-path unless its executed density (dummies and padding included) is at least
-``MASKED_FROM[path]`` while its blocks are smaller than ``SMALL_BLOCK`` units.
+Rule (``choose_path``), from the fwd+bwd benchmark (4096x4096, float32, batch 256 and 2048,
+2 threads, blocks of 16..128, densities 0.05..0.75, side by side with masked-dense): take the
+block path while its executed density (dummies and padding included) is at most
+``_density_limit``: block-window 0.5 (0.75 for blocks of 64+ units), block-gather
+``s / 256``; above that it ran slower than masked-dense, so take masked-dense.
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ from torch.autograd.function import once_differentiable
 from neuroplex.wiring import Wiring, WiringError
 
 PATHS = ("auto", "dense", "masked-dense", "block-window", "block-gather")
-SMALL_BLOCK = 32
-MASKED_FROM = {"block-window": 2.0, "block-gather": 0.4}
 _DIMS = ("k", "g_in", "g_out", "s_in", "s_out")
 GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mmap per call
 
@@ -115,9 +115,16 @@ def choose_path(wiring: Wiring) -> str:
     blocks = blocks or _blocks(wiring, window=False)
     work = len(blocks.block_in) * blocks.s_in * blocks.s_out  # dummies and padding included
     executed = work / (wiring.n_in * wiring.n_out)
-    if min(blocks.s_in, blocks.s_out) < SMALL_BLOCK and executed >= MASKED_FROM[path]:
-        return "masked-dense"
-    return path
+    limit = _density_limit(path, min(blocks.s_in, blocks.s_out))
+    return path if executed <= limit else "masked-dense"
+
+
+def _density_limit(path: str, s: int) -> float:
+    """Highest executed density at which ``path`` with blocks of ``s`` units still beat
+    masked-dense in the benchmark (module docstring)."""
+    if path == "block-window":
+        return 0.75 if s >= 64 else 0.5
+    return s / 256  # block-gather
 
 
 # ---- kernels -------------------------------------------------------------------------------
