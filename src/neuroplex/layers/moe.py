@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from neuroplex.layers.output import StageOutput
-from neuroplex.layers.routers import ROUTERS, RouterOutput
+from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes
 
 BALANCES = ("cv2", "switch")
 DROPS = ("residual", "zero")
@@ -116,13 +116,10 @@ class MoE(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_in", d_in), ("d_out", d_out), ("n_experts", n_experts)):
+        check_sizes(d_in, n_experts, k)
+        for name, value in (("d_out", d_out), ("expert_hidden", expert_hidden)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
-        if expert_hidden < 1:
-            raise ValueError(f"expert_hidden must be at least 1, got {expert_hidden}.")
-        if not 1 <= k <= n_experts:
-            raise ValueError(f"k must be between 1 and n_experts={n_experts}, got {k}.")
         for name, value in (
             ("capacity_factor", capacity_factor),
             ("eval_capacity_factor", eval_capacity_factor),

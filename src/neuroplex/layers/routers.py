@@ -43,7 +43,7 @@ def project(x: Tensor, w: Tensor) -> Tensor:
     return F.linear(x, w.t().contiguous())
 
 
-def _check_sizes(d_in: int, n_experts: int, k: int) -> None:
+def check_sizes(d_in: int, n_experts: int, k: int) -> None:
     if d_in < 1:
         raise ValueError(f"d_in must be at least 1, got {d_in}.")
     if n_experts < 1:
@@ -77,7 +77,7 @@ class NoisyTopKRouter(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_sizes(d_in, n_experts, k)
+        check_sizes(d_in, n_experts, k)
         self.d_in, self.n_experts, self.k, self.noise_eps = d_in, n_experts, k, noise_eps
         factory = {"device": device, "dtype": dtype}
         self.w_gate = nn.Parameter(torch.zeros(d_in, n_experts, **factory))
@@ -133,7 +133,7 @@ class SoftmaxTopKRouter(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_sizes(d_in, n_experts, k)
+        check_sizes(d_in, n_experts, k)
         self.d_in, self.n_experts, self.k = d_in, n_experts, k
         w = torch.empty(d_in, n_experts, device=device, dtype=dtype).normal_(0.0, init_std)
         self.w_gate = nn.Parameter(w)
@@ -192,7 +192,7 @@ class DTSTemperatureRouter(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_sizes(d_in, n_experts, k)
+        check_sizes(d_in, n_experts, k)
         if noise < 0:
             raise ValueError(f"noise must be at least 0, got {noise}.")
         if tau_start <= 0 or tau_end <= 0:

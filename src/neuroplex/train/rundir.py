@@ -85,8 +85,7 @@ def restore(run_dir: Path, s: Setup) -> LoopState:
             f"{run_dir / 'config.yaml'}; resume with the run's own config"
         )
     load_module_state(s.model, ckpt.tensors, "model.")
-    method_tensors = {k[7:]: v for k, v in ckpt.tensors.items() if k.startswith("method.")}
-    s.method.load_state(method_tensors, ckpt.state["method"])
+    load_method_state(s, ckpt)
     ranks = ckpt.state["rng"]["ranks"]  # exact resume needs the same number of ranks
     set_rng_state(json.loads(ranks[s.world.rank % len(ranks)]), s.device)
     state = LoopState(**ckpt.state["loop"])
@@ -170,3 +169,10 @@ def write_summary(
     if s.world.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def load_method_state(s: Setup, ckpt: Checkpoint) -> None:
+    """Load the method's part of a checkpoint (optimizers, auxiliary networks)."""
+    prefix = "method."
+    tensors = {k[len(prefix) :]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    s.method.load_state(tensors, ckpt.state["method"])

@@ -10,6 +10,7 @@ from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_json
 from neuroplex.train.checkpoint import Checkpoint, load_checkpoint, load_module_state
 from neuroplex.train.evaluate import evaluate
+from neuroplex.train.rundir import load_method_state
 from neuroplex.train.setup import Setup, build_setup
 
 SPLITS = ("train", "val", "test")
@@ -64,7 +65,7 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", which: str = "be
             f"{run_dir}: --exits needs a run trained with train.method=local (its auxiliary "
             f"heads are the exit classifiers); this run used {s.cfg.train.method}"
         )
-    s.method.load_state(*_method_part(ckpt))
+    load_method_state(s, ckpt)
     data = split_of(s, split)
     heads = [*s.method.aux, s.model.head]
     # The gates learn when a stage's answer is right: that needs data the network did not fit.
@@ -77,8 +78,3 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", which: str = "be
     atomic_write_json(run_dir / "exits.json", report)
     save_png(exits_figure(report), run_dir / "exits.png")
     return report
-
-
-def _method_part(ckpt: Checkpoint):
-    tensors = {k[len("method.") :]: v for k, v in ckpt.tensors.items() if k.startswith("method.")}
-    return tensors, ckpt.state["method"]
