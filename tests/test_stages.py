@@ -29,6 +29,18 @@ def test_sparse_and_moe_stages_build_and_report_side_results():
     assert out.stats["stage1.load"].shape == (4,)
 
 
+def test_moe_stage_dropout_acts_in_training_only():
+    dropped = MIXED.replace("expert_hidden: 16}", "expert_hidden: 16, dropout: 0.5}")
+    cfg = load_config(None, [dropped])
+    torch.manual_seed(0)
+    stage = build_network(cfg.model, n_features=12, n_classes=3).stages[1]
+    x = torch.randn(50, 32)
+    stage.train()
+    assert (stage(x).x == 0).float().mean() > 0.3  # about half the units dropped
+    stage.eval()
+    assert (stage(x).x == 0).float().mean() < 0.01
+
+
 @pytest.mark.parametrize("method", ["backprop", "local"])
 def test_loop_trains_mixed_stages_and_logs_expert_load(method, tmp_path):
     cfg = load_config(

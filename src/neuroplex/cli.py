@@ -343,6 +343,45 @@ def bench_local(
     print(table(run(stages, seeds, steps, width, out)))
 
 
+@bench_app.command("moe")
+@user_errors
+def bench_moe(
+    experts: Annotated[list[int], typer.Option(help="expert counts")] = [4, 8, 32],  # noqa: B006
+    k: Annotated[list[int], typer.Option(help="experts per token")] = [1, 2],  # noqa: B006
+    tokens: Annotated[list[int], typer.Option(help="tokens per call")] = [1024, 4096, 16384],  # noqa: B006
+    d: Annotated[int, typer.Option(min=1, help="model width")] = 256,
+    hidden: Annotated[int, typer.Option(min=1, help="expert hidden width")] = 1024,
+    repeats: Annotated[int, typer.Option(min=1, help="timed rounds (median)")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
+    max_dispatch_gib: Annotated[
+        float, typer.Option(min=0.0, help="skip a peer whose one-hot dispatch exceeds this")
+    ] = 2.0,
+    out: Annotated[
+        Path, typer.Option(help="JSON output (a .md table is written beside it)")
+    ] = Path("docs/bench/moe.json"),
+) -> None:
+    """Our MoE vs mixture-of-experts, st-moe-pytorch and the equal-active dense FFN."""
+    from neuroplex.bench.moe import run, table
+
+    for name, values in (("--experts", experts), ("--k", k), ("--tokens", tokens)):
+        if any(v < 1 for v in values):
+            raise NeuroplexError(f"{name} {values}: every value must be at least 1")
+    result = run(
+        experts,
+        k,
+        tokens,
+        d=d,
+        h=hidden,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        max_gib=max_dispatch_gib,
+        out=out,
+    )
+    print(table(result))
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

@@ -66,7 +66,7 @@ class DenseStageConfig(StrictModel):
 
 
 class MoEStageConfig(StrictModel):
-    """A gated mixture of expert MLPs: each input goes to its top-k experts, then a norm."""
+    """A gated mixture of expert MLPs: each input goes to its top-k experts, then norm, dropout."""
 
     kind: Literal["moe"] = Field("moe", description="stage kind")
     width: int = Field(256, ge=1, description="output units")
@@ -90,6 +90,7 @@ class MoEStageConfig(StrictModel):
     z_loss_weight: float = Field(1e-3, ge=0, description="weight of the router z-loss")
     norm: Literal["layernorm", "batchnorm", "none"] = Field("layernorm", description="after mixing")
     activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="in experts")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the norm")
 
     @model_validator(mode="after")
     def _k_at_most_experts(self) -> MoEStageConfig:

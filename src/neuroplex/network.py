@@ -121,7 +121,7 @@ def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
         z_loss_weight=cfg.z_loss_weight,
         act_layer=ACTIVATIONS[cfg.activation],
     )
-    return GatedStage(moe, NORMS[cfg.norm])
+    return GatedStage(moe, NORMS[cfg.norm], dropout=cfg.dropout)
 
 
 def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:

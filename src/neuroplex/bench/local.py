@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,8 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from neuroplex.bench import machine
 from neuroplex.files import atomic_write_json, atomic_write_text
 
 METHODS: dict[str, list[str]] = {
@@ -70,10 +68,6 @@ def run(stage_counts: list[int], seeds: int, steps: int, width: int, out: Path) 
                     atomic_write_text(out.with_suffix(".md"), table(result))
                     print(f"stages={stages} {name} seed={seed}: test_acc={summary['test_acc']}")
     return result
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def table(result: dict[str, Any]) -> str:

@@ -47,14 +47,17 @@ class SparseStage(nn.Sequential):
 
 
 class GatedStage(nn.Module):
-    """A mixture of experts followed by a norm. ``[b, d] -> StageOutput([b, h], aux, stats)``."""
+    """A mixture of experts, a norm, dropout. ``[b, d] -> StageOutput([b, h], aux, stats)``."""
 
-    def __init__(self, moe: MoE, norm_layer: type[nn.Module] | None = nn.LayerNorm) -> None:
+    def __init__(
+        self, moe: MoE, norm_layer: type[nn.Module] | None = nn.LayerNorm, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.moe = moe
         self.d_out = moe.d_out
         self.norm = norm_layer(moe.d_out) if norm_layer is not None else nn.Identity()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> StageOutput:
         out = self.moe(x)
-        return StageOutput(self.norm(out.x), out.aux_loss, out.stats)
+        return StageOutput(self.drop(self.norm(out.x)), out.aux_loss, out.stats)

@@ -1,0 +1,279 @@
+"""``neuroplex bench moe``: our MoE against the PyPI MoE layers and the equal-active dense FFN.
+
+Everything runs side by side in one process: for each size (experts ``e``, choices ``k``,
+tokens ``t``) every implementation is built with the same ``d``, ``e``, ``k`` and expert hidden
+width ``h``, then timed in interleaved rounds (one call of each per round, so machine noise hits
+them alike), median over the rounds after warm-up. Implementations:
+
+- ``neuroplex``: ``neuroplex.layers.moe.MoE``, softmax top-k router (the peers add no noise
+  either), no capacity limit;
+- ``dense FFN``: ``d -> k*h -> d``, the same *active* parameters and FLOPs, no routing: the limit;
+- ``mixture-of-experts`` and ``st-moe-pytorch`` (extra ``bench``), once configured to drop no
+  token (capacity = all tokens, every second choice kept) and once at their defaults (capacity
+  factor 1.25, second choice kept at random). Their dispatch builds dense one-hot
+  ``[tokens, e, capacity]`` tensors; a size whose tensor would exceed ``max_dispatch_gib`` is
+  skipped and the table says why. st-moe-pytorch supports only ``k >= 2``.
+
+Shapes: our layer and the FFN take ``[t, d]``; the peers take ``[1, t, d]`` (one group).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neuroplex.bench import machine
+from neuroplex.files import atomic_write_json, atomic_write_text
+from neuroplex.layers.moe import MoE
+
+PEERS = {"mixture-of-experts": "mixture_of_experts", "st-moe-pytorch": "st_moe_pytorch"}
+
+
+@dataclass
+class Candidate:
+    """A layer under test: ``call(x) -> (output, aux_loss)``; ``skip`` says why it cannot run."""
+
+    name: str
+    module: nn.Module | None
+    call: Callable[[Tensor], tuple[Tensor, Tensor]] | None
+    skip: str | None = None
+
+
+def dense_ffn(d: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+
+def ours(d: int, h: int, e: int, k: int) -> Candidate:
+    moe = MoE(d, d, e, k, h, router="softmax_topk", capacity_factor=None)
+
+    def call(x: Tensor) -> tuple[Tensor, Tensor]:
+        out = moe(x)
+        return out.x, out.aux_loss
+
+    return Candidate("neuroplex", moe, call)
+
+
+def dense(d: int, h: int, k: int) -> Candidate:
+    ffn = dense_ffn(d, k * h)
+    return Candidate("dense FFN", ffn, lambda x: (ffn(x), x.new_zeros(())))
+
+
+def peer_dispatch_gib(tokens: int, e: int, capacity_factor: float | None) -> float:
+    """Size of one float32 ``[tokens, e, capacity]`` dispatch tensor of the peers, in GiB."""
+    capacity = tokens if capacity_factor is None else max(4, int(tokens * capacity_factor / e))
+    return tokens * e * min(capacity, tokens) * 4 / 2**30
+
+
+def peer(
+    package: str, d: int, h: int, e: int, k: int, tokens: int, no_drop: bool, max_gib: float
+) -> Candidate:
+    name = f"{package} ({'no drop' if no_drop else 'default, cf 1.25'})"
+    if importlib.util.find_spec(PEERS[package]) is None:
+        return Candidate(name, None, None, "not installed (pip install 'neuroplex[bench]')")
+    if k not in (1, 2) or (package == "st-moe-pytorch" and k != 2):
+        return Candidate(name, None, None, f"k={k} not supported by {package}")
+    gib = peer_dispatch_gib(tokens, e, None if no_drop else 1.25)
+    if gib > max_gib:
+        return Candidate(name, None, None, f"dispatch tensor would take {gib:.1f} GiB")
+    build = build_mixture_of_experts if package == "mixture-of-experts" else build_st_moe
+    module = build(d, h, e, k, no_drop)
+
+    def call(x: Tensor) -> tuple[Tensor, Tensor]:
+        out, aux, *_ = module(x.unsqueeze(0))
+        return out.squeeze(0), aux
+
+    return Candidate(name, module, call)
+
+
+def build_mixture_of_experts(d: int, h: int, e: int, k: int, no_drop: bool) -> nn.Module:
+    """mixture-of-experts 0.2.3 (top-2 gating; ``second_policy="none"`` makes it top-1).
+
+    No drop: capacity factor ``e`` gives capacity = all tokens, policy ``all`` keeps every
+    second choice. Defaults: capacity factor 1.25, second choice kept at random.
+    """
+    from mixture_of_experts import MoE as PeerMoE
+
+    policy = "none" if k == 1 else ("all" if no_drop else "random")
+    factor = float(e) if no_drop else 1.25
+    return PeerMoE(
+        dim=d,
+        num_experts=e,
+        hidden_dim=h,
+        activation=nn.GELU,
+        second_policy_train=policy,
+        second_policy_eval=policy,
+        capacity_factor_train=factor,
+        capacity_factor_eval=factor,
+    )
+
+
+def build_st_moe(d: int, h: int, e: int, k: int, no_drop: bool) -> nn.Module:
+    """st-moe-pytorch 0.1.8 with plain ``d -> h -> d`` GELU experts (its default expert is a
+    GEGLU of another width; ours is the same as the other implementations').
+
+    No drop: capacity factor ``e`` and a near-zero second-choice threshold (always routed).
+    """
+    extra = {"capacity_factor_train": float(e), "threshold_train": 1e-9} if no_drop else {}
+    with warnings.catch_warnings():  # its beartype hints warn about typing.Tuple
+        warnings.simplefilter("ignore")
+        from st_moe_pytorch import MoE as PeerMoE
+
+        return PeerMoE(
+            dim=d,
+            num_experts=e,
+            gating_top_n=k,
+            experts=nn.ModuleList(dense_ffn(d, h) for _ in range(e)),
+            **extra,
+        )
+
+
+def candidates(d: int, h: int, e: int, k: int, tokens: int, max_gib: float) -> list[Candidate]:
+    found = [ours(d, h, e, k), dense(d, h, k)]
+    for package in PEERS:
+        for no_drop in (True, False):
+            found.append(peer(package, d, h, e, k, tokens, no_drop, max_gib))
+    return found
+
+
+def time_rounds(
+    runnable: list[Candidate], x: Tensor, repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Median seconds of forward (``no_grad``) and forward+backward per candidate.
+
+    All modules in training mode. Each round calls every candidate once, in turn.
+    """
+    times: dict[str, dict[str, list[float]]] = {
+        c.name: {"fwd": [], "fwd_bwd": []} for c in runnable
+    }
+    for i in range(warmup + repeats):
+        for c in runnable:
+            fwd, fwd_bwd = time_once(c, x)
+            if i >= warmup:
+                times[c.name]["fwd"].append(fwd)
+                times[c.name]["fwd_bwd"].append(fwd_bwd)
+    return {n: {m: statistics.median(v) for m, v in t.items()} for n, t in times.items()}
+
+
+def time_once(c: Candidate, x: Tensor) -> tuple[float, float]:
+    assert c.module is not None and c.call is not None
+    c.module.train()
+    c.module.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        c.call(x)
+        fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out, aux = c.call(x)
+    (out.square().mean() + aux).backward()
+    return fwd, time.perf_counter() - t0
+
+
+def measure_size(
+    d: int, h: int, e: int, k: int, tokens: int, repeats: int, warmup: int, max_gib: float
+) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    found = candidates(d, h, e, k, tokens, max_gib)
+    x = torch.randn(tokens, d)
+    runnable = [c for c in found if c.skip is None]
+    medians = time_rounds(runnable, x, repeats, warmup)
+    size = {"d": d, "h": h, "experts": e, "k": k, "tokens": tokens}
+    return [
+        {
+            **size,
+            "impl": c.name,
+            "skip": c.skip,
+            **medians.get(c.name, {"fwd": None, "fwd_bwd": None}),
+        }
+        for c in found
+    ]
+
+
+def run(
+    experts: list[int],
+    ks: list[int],
+    tokens: list[int],
+    *,
+    d: int = 256,
+    h: int = 1024,
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int = 2,
+    max_gib: float = 2.0,
+    out: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every size, one after another; JSON and table rewritten after each size."""
+    torch.set_num_threads(threads)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "rows": [],
+    }
+    for e in experts:
+        for k in ks:
+            if k > e:
+                continue
+            for t in tokens:
+                result["rows"] += measure_size(d, h, e, k, t, repeats, warmup, max_gib)
+                echo(f"experts={e} k={k} tokens={t} done")
+                if out is not None:
+                    write(result, out)
+    return result
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), table(result))
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: a forward + backward table, then a forward-only table."""
+    head = (
+        f"{result['machine']}, {result['threads']} threads, training mode, median of "
+        f"{result['repeats']} interleaved rounds after {result['warmup']} warm-up. `neuroplex` in "
+        "ms; `vs dense` = dense FFN time ÷ ours (≥ 1: as fast as the dense FFN); the peers as "
+        "their time ÷ ours (> 1: slower than ours)."
+    )
+    parts = [head]
+    for metric, title in (("fwd_bwd", "Forward + backward"), ("fwd", "Forward (no_grad)")):
+        parts += ["", f"**{title}**", "", metric_table(result, metric)]
+    return "\n".join(parts)
+
+
+def metric_table(result: dict[str, Any], metric: str) -> str:
+    names = list(dict.fromkeys(r["impl"] for r in result["rows"]))
+    others = [n for n in names if n not in ("neuroplex", "dense FFN")]
+    lines = [
+        "| experts | k | tokens | neuroplex (ms) | vs dense | " + " | ".join(others) + " |",
+        "|---" * (5 + len(others)) + "|",
+    ]
+    groups: dict[tuple[int, int, int], dict[str, dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["experts"], r["k"], r["tokens"]), {})[r["impl"]] = r
+    for (e, k, t), rows in groups.items():
+        mine = rows["neuroplex"][metric]
+        cells = [str(e), str(k), str(t), f"{1000 * mine:.1f}"]
+        cells.append(f"{rows['dense FFN'][metric] / mine:.2f}")
+        cells += [_relative(rows.get(n), metric, mine) for n in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _relative(row: dict | None, metric: str, mine: float) -> str:
+    if row is None:
+        return "—"
+    if row["skip"] is not None:
+        return f"skipped: {row['skip']}"
+    return f"{row[metric] / mine:.1f}×"
