@@ -14,6 +14,7 @@ import torch
 
 from neuroplex.analysis.functional import stage_activations, stage_report
 from neuroplex.analysis.pathnorm import path_norm
+from neuroplex.analysis.routing import routing_analysis
 from neuroplex.analysis.similarity import cka_matrix
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write, atomic_write_json
@@ -31,7 +32,7 @@ def probe_batch(run_dir: Path, probe: int, which: str):
 
 def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") -> dict[str, Any]:
     """Functional connectivity, communities, dead units per stage; CKA between stages;
-    path-norms. Saves analysis.json and analysis.npz in the run dir."""
+    path-norms; MoE routing. Saves analysis.json and analysis.npz in the run dir."""
     run_dir = Path(run_dir)
     s, x, y = probe_batch(run_dir, probe, which)
     acts = stage_activations(s.model, x)
@@ -48,6 +49,7 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") 
         stages.append({"stage": i, "kind": s.cfg.model.stages[i].kind, **report})
     cka = cka_matrix(acts, acts)
     arrays["cka"] = cka
+    routing = _routing(s, x, y, arrays)
     result = {
         "run_dir": str(run_dir),
         "checkpoint": which,
@@ -55,6 +57,7 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") 
         "stages": stages,
         "cka_between_stages": cka.tolist(),
         "path_norm": _path_norms(s.model),
+        "routing": routing,
     }
     atomic_write_json(run_dir / "analysis.json", result)
     atomic_write(run_dir / "analysis.npz", lambda p: _savez(p, arrays))
@@ -71,6 +74,17 @@ def compare_runs(
         raise NeuroplexError(f"{run_a} and {run_b} were trained on different data; CKA needs both")
     cka = cka_matrix(stage_activations(sa.model, x), stage_activations(sb.model, x))
     return {"run_a": str(run_a), "run_b": str(run_b), "probe": len(x), "cka": cka.tolist()}
+
+
+def _routing(s, x, y, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Routing of every MoE stage: scalars (and the load) for the JSON, matrices to ``arrays``."""
+    out = []
+    for i, report in routing_analysis(s.model, x, y, s.data.n_classes).items():
+        arrays[f"stage{i}.load"] = report["load"]
+        arrays[f"stage{i}.routing"] = report.pop("routing")
+        arrays[f"stage{i}.routing_frac"] = report.pop("routing_frac")
+        out.append({"stage": i, **report, "load": report["load"].tolist()})
+    return out
 
 
 def _path_norms(model) -> dict[str, float] | None:
