@@ -75,6 +75,9 @@ def routing_report(route: RouterOutput, y: np.ndarray, n_classes: int) -> dict[s
     """Load, routing matrix, expert-class MI and entropies of one MoE's routing of a probe set.
 
     ``route.indices [n, k]`` (best first) and ``route.probs [n, e]``; ``y [n]`` class labels.
+    ``k`` is the experts chosen per input at this checkpoint (a dense-to-sparse router's
+    current ``k_eff``, which exceeds its final ``k`` before the end of its schedule). The MI
+    is the plug-in estimate, biased up by about ``(e-1)(c-1) / (2 n ln 2)`` bits.
     Arrays (``load [e]``, ``routing [e, c]`` counts, ``routing_frac [e, c]`` = P(expert |
     class)) are returned under those keys next to the scalars.
     """

@@ -65,6 +65,7 @@ def structure_function(structural: np.ndarray, functional: np.ndarray) -> dict[s
 
 
 def stage_wirings(stage: SparseStage) -> list[Wiring]:
+    """The wiring of each of the stage's layers, in forward order."""
     return [block.linear.wiring for block in stage]
 
 
