@@ -365,3 +365,20 @@ def test_console_entry_point_reports_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [f"error: config error: {missing}: file not found"]
     assert proc.stdout == ""
+
+
+def test_analyze_prints_structure_vs_function_and_routing(tmp_path):
+    from neuroplex.train import train
+
+    stages = (
+        "model.stages=[{kind: sparse, width: 32, ensembles: 4, m: 1, pattern: random},"
+        " {kind: moe, width: 16, experts: 4, k: 1, expert_hidden: 8}]"
+    )
+    cfg = load_config(None, ["data.name=digits", stages, "train.epochs=1"])
+    train(cfg, tmp_path / "run")
+    result = RUNNER.invoke(app, ["analyze", str(tmp_path / "run"), "--probe", "100"])
+    assert result.exit_code == 0, result.stderr
+    assert re.search(
+        r"stage 0: structure vs function, Spearman rho (-?\d\.\d\d|n/a)", result.stdout
+    )
+    assert re.search(r"stage 1 routing: expert-class MI \d\.\d{3} bits", result.stdout)

@@ -239,7 +239,8 @@ def analyze(
     probe: Annotated[int, typer.Option(help="test samples to probe with")] = 1000,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
 ) -> None:
-    """Functional connectivity, communities, CKA between stages, path-norms of a run."""
+    """Functional connectivity, communities, CKA between stages, path-norms, structure vs
+    function of sparse stages and MoE routing of a run."""
     from neuroplex.analysis.run import analyze_run
 
     result = analyze_run(run_dir, probe=probe, which=checkpoint)
@@ -260,7 +261,24 @@ def analyze(
     out.print(table)
     if result["path_norm"] is not None:
         print(f"path-norm: L1 {result['path_norm']['l1']:.4g}  L2 {result['path_norm']['l2']:.4g}")
+    _print_structure_and_routing(result)
     print(f"wrote {run_dir / 'analysis.json'} and {run_dir / 'analysis.npz'}")
+
+
+def _print_structure_and_routing(result: dict) -> None:
+    for st in result["stages"]:
+        if "structure" in st:
+            rho = st["structure"]["from_weights"]["rho"]
+            shown = (
+                "n/a (fewer than 3 ensembles or uniform wiring)" if rho is None else f"{rho:.2f}"
+            )
+            print(f"stage {st['stage']}: structure vs function, Spearman rho {shown}")
+    for r in result["routing"]:
+        print(
+            f"stage {r['stage']} routing: expert-class MI {r['mi_bits']:.3f} bits "
+            f"({100 * r['mi_over_class_entropy']:.0f}% of H(class)), gate entropy "
+            f"{r['token_entropy_bits']:.2f} of {r['max_entropy_bits']:.2f} bits"
+        )
 
 
 @app.command()

@@ -7,14 +7,24 @@ import pytest
 
 from neuroplex.analysis.run import analyze_run
 from neuroplex.config import load_config
-from neuroplex.report.html import markdown_table, write_report
+from neuroplex.report.html import (
+    analysis_sections,
+    markdown_table,
+    routing_section,
+    structure_section,
+    wiring_section,
+    write_report,
+)
 from neuroplex.train import train
 from neuroplex.train.runs import evaluate_exits
 
 SECTIONS = [
     "Overview",
     "Learning curves",
+    "Wiring",
     "Functional connectivity",
+    "Structure vs function",
+    "Routing",
     "Representation similarity",
     "Early exit",
     "Benchmark: local",
@@ -31,7 +41,9 @@ def report_path(tmp_path_factory):
             None,
             [
                 "data.name=digits",
-                "model.stages=[{kind: dense, width: 24}, {kind: dense, width: 16}]",
+                "model.stages=[{kind: sparse, width: 32, ensembles: 4, m: 1, pattern: random},"
+                " {kind: moe, width: 16, experts: 4, k: 1, expert_hidden: 8,"
+                " router: dts_temperature}]",
                 "train.method=local",
                 "train.aux.kind=linear",
                 "train.epochs=2",
@@ -52,8 +64,34 @@ def test_report_is_one_self_contained_page_with_every_section(report_path):
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in page, title
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched
-    assert page.count("data:image/png;base64,") >= 5
+    assert page.count("data:image/png;base64,") >= 10  # curves, 2 stages, wiring, 3 routing...
+    assert page.count("<figcaption") == 5  # wiring, structure, load, routing matrix, entropy
     assert "&lt;x&gt;" in page  # table cells escaped
+
+
+def test_a_run_without_sparse_or_moe_stages_gets_no_wiring_structure_or_routing_section():
+    analysis = {
+        "probe": 10,
+        "stages": [
+            {
+                "stage": 0,
+                "kind": "dense",
+                "units": 4,
+                "communities": 1,
+                "modularity": 0.0,
+                "dead": 0.0,
+            }
+        ],
+        "cka_between_stages": [[1.0]],
+        "path_norm": None,
+    }  # as written before routing existed: no "routing" key
+    page = "".join(
+        build(analysis, {})
+        for build in (wiring_section, analysis_sections, structure_section, routing_section)
+    )
+    assert "<h2>Functional connectivity</h2>" in page
+    for title in ("Wiring", "Structure vs function", "Routing"):
+        assert f"<h2>{title}</h2>" not in page
 
 
 def test_markdown_table_drops_the_rule_row_and_keeps_prose():

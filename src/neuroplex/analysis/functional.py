@@ -7,26 +7,36 @@ Shape legend: ``n`` probe samples, ``d`` units, ``g`` ensembles.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from torch import nn
 
 from neuroplex.network import Network
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; the model's previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def stage_activations(model: Network, x: torch.Tensor) -> list[np.ndarray]:
     """Each stage's output on ``x [n, d_in]`` as float64 arrays ``[n, d_s]`` (eval mode, no
     gradients; the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            features = model.forward_stages(x).features
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        features = model.forward_stages(x).features
     return [f.double().cpu().numpy() for f in features]
 
 

@@ -175,9 +175,7 @@ class MoE(nn.Module):
         with every choice dropped, ``gate_entropy`` mean entropy of the full routing
         distribution, ``balance_loss`` and ``z_loss`` unweighted.
         """
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"MoE expects input [b, {self.d_in}], got {list(x.shape)}.")
-        route: RouterOutput = self.router(x)
+        route = self.route(x)
         b, k = route.indices.shape  # k may exceed self.k for dense-to-sparse routers
         e, a = self.n_experts, route.indices.numel()
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -220,6 +218,14 @@ class MoE(nn.Module):
             "z_loss": z.detach(),
         }
         return StageOutput(out, aux, stats)
+
+    def route(self, x: Tensor) -> RouterOutput:
+        """The router's choices for ``x [b, d_in]``, experts not run: ``indices, gates [b, k]``
+        (best first), ``logits, probs [b, e]``. Deterministic in eval mode (training-mode
+        routers draw noise), so analysis reads the routing the forward would use."""
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"MoE expects input [b, {self.d_in}], got {list(x.shape)}.")
+        return self.router(x)
 
     def _experts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, nn.Module]:
         return self.w1, self.b1, self.w2, self.b2, self.act

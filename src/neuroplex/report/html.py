@@ -26,6 +26,7 @@ table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
 td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left} th{background:#f5f5f5}
 pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
 .figs{display:flex;flex-wrap:wrap;gap:1em} img{max-width:100%}
+figure{margin:0;max-width:520px}
 .kpi{display:inline-block;margin:0 1.5em .5em 0} .kpi b{font-size:1.4em;display:block}
 """
 
@@ -37,6 +38,12 @@ def section(title: str, body: str, caption: str = "") -> str:
 
 def image(fig) -> str:
     return f'<img alt="" src="data:image/png;base64,{plots.to_png_base64(fig)}">'
+
+
+def figure(fig, caption: str) -> str:
+    """A plot with its one-line caption under it."""
+    note = f'<figcaption class="caption">{html.escape(caption)}</figcaption>'
+    return f"<figure>{image(fig)}{note}</figure>"
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -129,6 +136,114 @@ def analysis_sections(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -
     return out
 
 
+def wiring_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    figs = []
+    for st in analysis["stages"]:
+        i, links, mass = st["stage"], [], []
+        while f"stage{i}.layer{len(links)}.links" in arrays:
+            links.append(arrays[f"stage{i}.layer{len(links)}.links"])
+            mass.append(arrays[f"stage{i}.layer{len(mass)}.mass"])
+        if links:
+            fig = plots.wiring_drawing(links, mass, f"stage {i} (sparse): ensemble wiring")
+            figs.append(
+                figure(
+                    fig,
+                    "Look for the designed modules: each ensemble should feed few others, "
+                    "through thick lines (large trained weights).",
+                )
+            )
+    if not figs:
+        return ""
+    return section(
+        "Wiring",
+        f'<div class="figs">{"".join(figs)}</div>',
+        "Ensembles of each sparse stage (dots) and the blocks that connect them, layer by "
+        "layer: line opacity = fraction of the block's links present, width = mean |weight|.",
+    )
+
+
+def structure_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    rows, figs = [], []
+    for st in analysis["stages"]:
+        if "structure" not in st:
+            continue
+        i, found = st["stage"], st["structure"]
+        weights, wiring = found["from_weights"], found["from_wiring"]
+        rows.append(
+            [i, weights["pairs"], fmt(weights["rho"]), fmt(weights["p"]), fmt(wiring["rho"])]
+        )
+        title = f"stage {i}: structure vs function (rho {fmt(weights['rho'])})"
+        fig = plots.structure_scatter(
+            arrays[f"stage{i}.pairs_structure"], arrays[f"stage{i}.pairs_function"], title
+        )
+        figs.append(
+            figure(fig, "Dots rising to the right: ensembles that share input also co-activate.")
+        )
+    if not rows:
+        return ""
+    header = ["stage", "ensemble pairs", "Spearman rho (weights)", "p", "rho (wiring only)"]
+    return section(
+        "Structure vs function",
+        table(header, rows) + f'<div class="figs">{"".join(figs)}</div>',
+        "Does function follow structure? Spearman rank correlation over ensemble pairs between "
+        "shared input through the trained weights and activation correlation; near 1 = yes.",
+    )
+
+
+ROUTING_COLUMNS = {
+    "stage": "stage",
+    "experts": "experts",
+    "k": "k",
+    "mi_bits": "MI (bits)",
+    "mi_over_class_entropy": "MI / H(class)",
+    "token_entropy_bits": "gate entropy",
+    "load_entropy_bits": "load entropy",
+}
+
+
+def routing_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    reports = analysis.get("routing") or []
+    if not reports:
+        return ""
+    rows = [[fmt(r[key]) for key in ROUTING_COLUMNS] for r in reports]
+    figs = "".join(routing_figures(r, arrays) for r in reports)
+    return section(
+        "Routing",
+        table(list(ROUTING_COLUMNS.values()), rows) + f'<div class="figs">{figs}</div>',
+        f"How the mixture-of-experts stages route the {analysis['probe']} probe inputs (eval "
+        "mode); entropies and MI in bits, MI between top-1 expert and class 0 = routing "
+        "ignores the class.",
+    )
+
+
+def routing_figures(report: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """Load per expert, the experts x classes matrix and the entropies of one MoE stage."""
+    i = report["stage"]
+    heatmap = plots.matrix_heatmap(
+        arrays[f"stage{i}.routing_frac"],
+        f"stage {i}: top-1 expert per class",
+        "class",
+        "expert",
+        value_label="P(expert | class)",
+    )
+    return "".join(
+        [
+            figure(
+                plots.load_bars(arrays[f"stage{i}.load"], f"stage {i}: load per expert"),
+                "Bars near the dashed line: balanced experts; a tall bar is an overloaded one.",
+            ),
+            figure(
+                heatmap,
+                "One bright cell per column: each class has its own expert (experts specialise).",
+            ),
+            figure(
+                plots.entropy_bars(report, f"stage {i}: routing entropy"),
+                "Low gate entropy = confident routing; load entropy near log2(experts) = balanced.",
+            ),
+        ]
+    )
+
+
 def render(run_dir: Path, bench: list[Path] | None = None) -> str:
     """The report page of ``run_dir`` as an HTML string."""
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -149,7 +264,8 @@ def render(run_dir: Path, bench: list[Path] | None = None) -> str:
         analysis = json.loads((run_dir / "analysis.json").read_text())
         with np.load(run_dir / "analysis.npz") as npz:
             arrays = {k: npz[k] for k in npz.files}
-        parts.append(analysis_sections(analysis, arrays))
+        for build in (wiring_section, analysis_sections, structure_section, routing_section):
+            parts.append(build(analysis, arrays))
     if (run_dir / "exits.json").exists():
         exits = json.loads((run_dir / "exits.json").read_text())
         parts.append(

@@ -87,17 +87,99 @@ def correlation_heatmap(corr: np.ndarray, labels: np.ndarray, title: str) -> Fig
 
 
 def matrix_heatmap(
-    matrix: np.ndarray, title: str, xlabel: str, ylabel: str, *, vmin: float = 0, vmax: float = 1
+    matrix: np.ndarray,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    *,
+    vmin: float = 0,
+    vmax: float = 1,
+    value_label: str = "",
 ) -> Figure:
-    """A small annotated matrix (CKA between stages, ensemble correlation)."""
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    """A small annotated matrix (CKA between stages, ensemble correlation, routing)."""
+    rows, cols = matrix.shape
+    fig, ax = plt.subplots(figsize=(max(4.2, 2.0 + 0.55 * cols), max(3.0, 1.6 + 0.45 * rows)))
     image = ax.imshow(matrix, cmap="viridis", vmin=vmin, vmax=vmax)
     if matrix.size <= 100:
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="w")
+            dark = value < (vmin + vmax) / 2  # white text on the dark half of viridis
+            color = "w" if dark else "k"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.set_xticks(range(matrix.shape[1]))
     ax.set_yticks(range(matrix.shape[0]))
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=value_label)
+    fig.tight_layout()
+    return fig
+
+
+def wiring_drawing(links: list[np.ndarray], mass: list[np.ndarray], title: str) -> Figure:
+    """Ensembles of a sparse stage as dots in columns (input, then each layer's output) and
+    one line per connected block; ``links[l]`` / ``mass[l]`` ``[g_out, g_in]`` of layer ``l``
+    set the line's opacity (fraction of links present) and width (mean |weight|)."""
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(links), 4.0))
+    top = max(float(m.max()) for m in mass) or 1.0
+    for col, (lk, ms) in enumerate(zip(links, mass, strict=True)):
+        y_in, y_out = _spread(lk.shape[1]), _spread(lk.shape[0])
+        for j, i in zip(*np.nonzero(lk), strict=True):
+            ax.plot(
+                [col, col + 1],
+                [y_in[i], y_out[j]],
+                color="tab:blue",
+                lw=0.4 + 2.6 * ms[j, i] / top,
+                alpha=0.25 + 0.75 * lk[j, i],
+            )
+        ax.scatter([col] * len(y_in), y_in, color="k", s=18, zorder=3)
+    ax.scatter([len(links)] * links[-1].shape[0], _spread(links[-1].shape[0]), color="k", s=18)
+    ax.set_xticks(range(len(links) + 1), ["input"] + [f"layer {i + 1}" for i in range(len(links))])
+    g = links[0].shape[1]
+    ax.set_yticks(_spread(g), [str(e) for e in range(g)] if g <= 16 else [""] * g)
+    ax.set(title=title, xlabel="layer (ensembles as dots)", ylabel="ensemble")
+    fig.tight_layout()
+    return fig
+
+
+def _spread(n: int) -> np.ndarray:
+    """``n`` node heights evenly spaced over [0, 1], ensemble 0 at the top."""
+    return np.linspace(1, 0, n) if n > 1 else np.array([0.5])
+
+
+def load_bars(load: np.ndarray, title: str) -> Figure:
+    """Share of the top-k assignments per expert, with the uniform share for reference."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    ax.bar(range(len(load)), 100 * np.asarray(load), color="tab:blue")
+    ax.axhline(100 / len(load), color="grey", ls="--", lw=1, label="uniform")
+    ax.set(title=title, xlabel="expert", ylabel="share of assignments (%)")
+    ax.set_xticks(range(len(load)))
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def entropy_bars(report: dict[str, Any], title: str) -> Figure:
+    """Routing entropies and expert-class MI in bits, against their ceilings."""
+    names = ["per-input gate\nentropy", "entropy of\nmean load", "expert-class\nMI"]
+    values = [report["token_entropy_bits"], report["load_entropy_bits"], report["mi_bits"]]
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    ax.bar(names, values, color=["tab:orange", "tab:blue", "tab:green"])
+    ax.axhline(report["max_entropy_bits"], color="grey", ls="--", lw=1, label="log2(experts)")
+    ax.axhline(report["class_entropy_bits"], color="tab:green", ls=":", lw=1, label="H(class)")
+    ax.set(title=title, ylabel="bits")
+    ax.set_ylim(0, 1.3 * max(*values, report["max_entropy_bits"], report["class_entropy_bits"]))
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def structure_scatter(structural: np.ndarray, functional: np.ndarray, title: str) -> Figure:
+    """One dot per ensemble pair: shared input (structure) against co-activation (function)."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    ax.scatter(structural, functional, s=22, alpha=0.8)
+    ax.set(
+        title=title,
+        xlabel="structure: shared input (cosine of path mass)",
+        ylabel="function: mean |correlation|",
+    )
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -1,0 +1,121 @@
+"""Structural connectivity of sparse stages, and how well function follows it.
+
+The structural ensemble graph of a sparse stage links two output ensembles by how much input
+they share: the cosine similarity of their rows in the ensemble-level path mass ``P [g, g_in]``,
+where ``P`` sums ``|W_L| ... |W_1|`` (every path's product of absolute weights through the
+stage's layers) over the units of each (output ensemble, input ensemble) pair. With every
+weight set to 1 on the wiring's links this is the same graph from the wiring alone. Shared
+drive is what makes two ensembles co-activate, so if function follows structure, ensemble pairs
+ranked by structural similarity rank the same by functional correlation (Spearman rho).
+Shape legend: ``n`` units (``n_in`` in, ``n_out`` out), ``g`` output ensembles, ``g_in`` input
+ensembles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from neuroplex.layers.stages import SparseStage
+from neuroplex.wiring import Wiring
+
+
+def block_sums(matrix: np.ndarray, out_sizes, in_sizes) -> np.ndarray:
+    """Sum of ``matrix [n_out, n_in]`` over each (output ensemble, input ensemble) block,
+    ``-> [len(out_sizes), len(in_sizes)]``."""
+    rows = np.concatenate([[0], np.cumsum(out_sizes)[:-1]])
+    cols = np.concatenate([[0], np.cumsum(in_sizes)[:-1]])
+    return np.add.reduceat(np.add.reduceat(matrix, rows, axis=0), cols, axis=1)
+
+
+def path_mass(layers: list[np.ndarray]) -> np.ndarray:
+    """``|W_L| @ ... @ |W_1|`` of weights ``[n_l, n_{l-1}]`` in forward order, ``-> [n_L, n_0]``."""
+    mass = np.abs(layers[0])
+    for w in layers[1:]:
+        mass = np.abs(w) @ mass
+    return mass
+
+
+def shared_input(mass: np.ndarray) -> np.ndarray:
+    """Cosine similarity between the rows of an ensemble path mass ``[g, g_in] -> [g, g]``."""
+    norms = np.linalg.norm(mass, axis=1, keepdims=True)
+    unit = np.divide(mass, norms, out=np.zeros_like(mass), where=norms > 0)
+    return unit @ unit.T
+
+
+def upper_pairs(matrix: np.ndarray) -> np.ndarray:
+    """The entries above the diagonal of ``[g, g]``, one per ensemble pair, ``-> [g(g-1)/2]``."""
+    return matrix[np.triu_indices(len(matrix), k=1)]
+
+
+def structure_function(structural: np.ndarray, functional: np.ndarray) -> dict[str, Any]:
+    """Spearman rank correlation over ensemble pairs of two ``[g, g]`` graphs.
+
+    ``rho`` and ``p`` are None when there are fewer than 3 pairs or either side is constant
+    (every pair equally linked: no ranking to follow).
+    """
+    s, f = upper_pairs(structural), upper_pairs(functional)
+    rho = p = None
+    if len(s) >= 3 and np.ptp(s) > 1e-12 and np.ptp(f) > 1e-12:
+        result = spearmanr(s, f)
+        rho, p = float(result.statistic), float(result.pvalue)
+    return {"rho": rho, "p": p, "pairs": len(s)}
+
+
+def stage_wirings(stage: SparseStage) -> list[Wiring]:
+    """The wiring of each of the stage's layers, in forward order."""
+    return [block.linear.wiring for block in stage]
+
+
+def stage_weights(stage: SparseStage) -> list[np.ndarray]:
+    """Each layer's effective (masked) weight, float64 ``[n_out, n_in]``."""
+    return [block.linear.dense_weight().detach().double().cpu().numpy() for block in stage]
+
+
+def stage_structure(stage: SparseStage) -> dict[str, Any]:
+    """Structural graphs of a sparse stage, from its trained weights and from its wiring alone.
+
+    Returns ``weights`` and ``wiring`` (each ``[g, g]``, :func:`shared_input`), and per layer
+    ``links [g_out, g_in]`` (fraction of each block's possible links that exist) and
+    ``mass [g_out, g_in]`` (mean |w| over each block's possible links): what a drawing needs.
+    """
+    wirings = stage_wirings(stage)
+    weights = stage_weights(stage)
+    masks = [w.to_mask().astype(np.float64) for w in wirings]
+    first, last = wirings[0], wirings[-1]
+
+    def ensembles(layers: list[np.ndarray]) -> np.ndarray:
+        return block_sums(path_mass(layers), last.out_sizes, first.in_sizes)
+
+    layers = []
+    for w, weight, mask in zip(wirings, weights, masks, strict=True):
+        possible = np.outer(w.out_sizes, w.in_sizes)
+        layers.append(
+            {
+                "links": block_sums(mask, w.out_sizes, w.in_sizes) / possible,
+                "mass": block_sums(np.abs(weight), w.out_sizes, w.in_sizes) / possible,
+            }
+        )
+    return {
+        "weights": shared_input(ensembles(weights)),
+        "wiring": shared_input(ensembles(masks)),
+        "layers": layers,
+    }
+
+
+def structure_report(stage: SparseStage, ensemble_corr: np.ndarray) -> dict[str, Any]:
+    """Structure vs function for one sparse stage, ``ensemble_corr [g, g]`` its functional
+    ensemble graph. Scalars under ``from_weights`` / ``from_wiring``; arrays under
+    ``structure`` ``[g, g]``, ``pairs_structure`` and ``pairs_function`` ``[g(g-1)/2]``, and
+    ``layers`` (see :func:`stage_structure`)."""
+    graphs = stage_structure(stage)
+    return {
+        "from_weights": structure_function(graphs["weights"], ensemble_corr),
+        "from_wiring": structure_function(graphs["wiring"], ensemble_corr),
+        "structure": graphs["weights"],
+        "pairs_structure": upper_pairs(graphs["weights"]),
+        "pairs_function": upper_pairs(ensemble_corr),
+        "layers": graphs["layers"],
+    }
