@@ -3,12 +3,16 @@
 Trains each shipped baseline config for several seeds, then writes
 ``docs/results.json``, ``docs/results.md`` (the table) and ``docs/learning_curve.png``.
 
-    python scripts/measure_results.py [--seeds 3] [--out runs/results-TIMESTAMP]
+    python scripts/measure_results.py [--seeds 3] [--out runs/results-TIMESTAMP] [--only CONFIG]...
+
+``--only`` re-measures just those configs and keeps the other configs' figures from
+``docs/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -28,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/mnist1d_mlp.yaml", "configs/mnist1d_local.yaml", "configs/digits_mlp.yaml"]
 
 
-def run_all(seeds: int, out: Path) -> dict:
+def run_all(configs: list[str], seeds: int, out: Path) -> dict:
     results = {}
-    for config in CONFIGS:
+    for config in configs:
         runs = []
         for seed in range(seeds):
             cfg = load_config(REPO / config, [f"seed={seed}"])
@@ -44,9 +48,9 @@ def run_all(seeds: int, out: Path) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| config | dataset (train/val/test) | params | test acc, mean ± std (seeds) | "
-        "train time per run | activation memory |",
-        "|---|---|---|---|---|---|",
+        "| config | dataset (train/val/test) | params | active params | "
+        "test acc, mean ± std (seeds) | train time per run | activation memory |",
+        "|---|---|---|---|---|---|---|",
     ]
     for config, runs in results.items():
         accs = [100 * r["test_acc"] for r in runs]
@@ -55,7 +59,8 @@ def table(results: dict) -> str:
         seconds = statistics.mean(r["train_time_s"] for r in runs)
         lines.append(
             f"| `{config}` | {d['name']} ({d['train']}/{d['val']}/{d['test']}) | "
-            f"{runs[0]['params']:,} | {statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
+            f"{runs[0]['params']:,} | {runs[0].get('active_params', runs[0]['params']):,} | "
+            f"{statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
             f"{seconds:.0f} s | {runs[0]['activation_bytes_peak'] / 2**20:.2f} MiB |"
         )
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -67,16 +72,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / f"results-{stamp}")
+    parser.add_argument("--only", action="append", choices=CONFIGS, help="re-measure just this")
     args = parser.parse_args()
-    results = run_all(args.seeds, args.out)
     docs = REPO / "docs"
+    fresh = run_all(args.only or CONFIGS, args.seeds, args.out)
+    kept = json.loads((docs / "results.json").read_text()) if args.only else {}
+    results = {c: fresh[c] if c in fresh else kept[c] for c in CONFIGS if c in fresh or c in kept}
     atomic_write_json(docs / "results.json", results)
     atomic_write_text(docs / "results.md", table(results))
-    first = Path(results[CONFIGS[0]][0]["run_dir"])
-    figure = learning_curves(
-        read_jsonl(first / "metrics.jsonl"), f"MNIST-1D, 4-stage MLP, backprop ({first.name})"
-    )
-    save_png(figure, docs / "learning_curve.png")
+    if CONFIGS[0] in fresh:
+        first = Path(fresh[CONFIGS[0]][0]["run_dir"])
+        figure = learning_curves(
+            read_jsonl(first / "metrics.jsonl"), f"MNIST-1D, 4-stage MLP, backprop ({first.name})"
+        )
+        save_png(figure, docs / "learning_curve.png")
     update_readme()
     print(table(results))
 

@@ -52,6 +52,7 @@ def test_loop_trains_mixed_stages_and_logs_expert_load(method, tmp_path):
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     loads = [row[f"stage1.load.{i}"] for i in range(4)]
     assert sum(loads) == pytest.approx(1.0, abs=1e-6)
+    assert summary["min_expert_load"] == min(loads)
 
 
 @pytest.mark.parametrize(
@@ -82,3 +83,12 @@ def test_the_loop_anneals_dense_to_sparse_routers(tmp_path):
     router = s.model.stages[0].moe.router
     assert float(router.progress) == pytest.approx(1.0)  # the last step saw the end of training
     assert router.schedule()[1] == 1  # exactly top-k at the end
+
+
+def test_active_parameters_count_k_of_e_experts():
+    cfg = load_config(None, [MIXED])
+    net = build_network(cfg.model, n_features=12, n_classes=3)
+    experts = 2 * (4 * 32 * 16) + 4 * 16 + 4 * 32  # w1, w2, b1, b2 of 4 experts 32 -> 16 -> 32
+    assert net.num_active_parameters() == net.num_parameters() - experts // 2  # k=2 of 4
+    dense = build_network(load_config(None, []).model, n_features=12, n_classes=3)
+    assert dense.num_active_parameters() == dense.num_parameters()

@@ -77,6 +77,16 @@ class Network(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_active_parameters(self) -> int:
+        """Parameters one input uses: an MoE layer counts its router and ``k`` of its ``e``
+        experts (what a dense network of equal active size is compared with)."""
+        total = self.num_parameters()
+        for m in self.modules():
+            if isinstance(m, MoE):
+                experts = sum(p.numel() for p in (m.w1, m.b1, m.w2, m.b2))
+                total -= experts - experts * m.k // m.n_experts
+        return total
+
 
 # ---------------------------------------------------------------------------------------------
 # builders: config -> modules. One explicit registry; later stage kinds add one entry each.

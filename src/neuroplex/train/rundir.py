@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import platform
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,8 @@ def write_summary(
         "epochs": state.epoch,
         "steps": state.step,
         "params": s.model.num_parameters(),
+        "active_params": s.model.num_active_parameters(),
+        "min_expert_load": min_expert_load(final),
         "activation_bytes_peak": state.activation_peak,
         "peak_rss_bytes": peak_rss_bytes(),
         "train_time_s": state.elapsed,
@@ -169,6 +172,13 @@ def write_summary(
     if s.world.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def min_expert_load(record: dict[str, Any]) -> float | None:
+    """Smallest per-expert share of assignments (``stageN.load.i``) in a metrics record; a dead
+    expert shows as ~0. ``None`` without MoE stages."""
+    loads = [v for k, v in record.items() if re.fullmatch(r"stage\d+\.load\.\d+", k)]
+    return min(loads, default=None)
 
 
 def load_method_state(s: Setup, ckpt: Checkpoint) -> None:
