@@ -139,7 +139,8 @@ class SparseLinear(nn.Module):
     def set_wiring(self, wiring: Wiring, path: str = "auto") -> None:
         """Rewire to ``wiring`` (same widths) in place: path, buffers and weight layout are
         rebuilt; weights on connections both wirings share are kept, new connections start at
-        zero. The ``weight`` Parameter stays the same object (its data is replaced)."""
+        zero. The ``weight`` Parameter stays the same object (its data is replaced, its
+        gradient dropped)."""
         if (wiring.n_in, wiring.n_out) != (self.in_features, self.out_features):
             raise WiringError(
                 f"wiring is {wiring.n_in} -> {wiring.n_out} units but the layer is "
@@ -148,6 +149,7 @@ class SparseLinear(nn.Module):
         full = self.to_dense(self.weight.detach())  # keeps the old storage alive
         self._build(wiring, checked_path(wiring, path))
         self.weight.data = self.from_dense(full)
+        self.weight.grad = None  # a gradient in the old layout means nothing now
 
     # ---- weights -------------------------------------------------------------------------
     def _gather_blocks(self, full: Tensor) -> Tensor:

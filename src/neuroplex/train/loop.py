@@ -4,6 +4,7 @@ Run directory written (by rank 0) through neuroplex.train.rundir::
 
     config.yaml      the resolved config
     metrics.jsonl    one JSON line per epoch (losses, accuracies, lr, samples/s, wall time)
+    plasticity.jsonl one JSON line per rewiring event (neuroplex.train.plasticity), if enabled
     checkpoints/     see neuroplex.train.checkpoint
     summary.json     final figures, written when the run ends (or stops, or diverges)
 
@@ -118,6 +119,7 @@ def run_epoch(
                 f"train.grad_clip."
             )
         state.step += 1
+        s.plasticity.after_step(state.step, run_dir)  # rewiring, every train.plasticity.every
         loss_sum += loss * len(idx)
         correct += int(result.correct)
         seen += len(idx)

@@ -28,6 +28,8 @@ from neuroplex.train.checkpoint import (
     save_checkpoint,
 )
 from neuroplex.train.memory import peak_rss_bytes
+from neuroplex.train.plasticity import LOG as PLASTICITY_LOG
+from neuroplex.train.rewiring import restore_wirings, wiring_state
 from neuroplex.train.setup import Setup
 
 
@@ -68,6 +70,7 @@ def save(run_dir: Path, s: Setup, state: LoopState, *, best: bool) -> None:
     meta = {
         "loop": asdict(state),
         "method": method_meta,
+        "wirings": wiring_state(s.model),  # plasticity may have rewired the sparse layers
         "rng": {"ranks": s.world.gather(json.dumps(rng_state(s.device)))},
         "config_digest": config_digest(s.cfg),
         "versions": versions(),
@@ -84,20 +87,23 @@ def restore(run_dir: Path, s: Setup) -> LoopState:
             f"{run_dir}: the checkpoint was written with a different config than "
             f"{run_dir / 'config.yaml'}; resume with the run's own config"
         )
+    restore_wirings(s.model, ckpt.state.get("wirings", {}))  # before the shapes are checked
     load_module_state(s.model, ckpt.tensors, "model.")
     load_method_state(s, ckpt)
     ranks = ckpt.state["rng"]["ranks"]  # exact resume needs the same number of ranks
     set_rng_state(json.loads(ranks[s.world.rank % len(ranks)]), s.device)
     state = LoopState(**ckpt.state["loop"])
-    metrics = run_dir / "metrics.jsonl"
     if s.world.is_main:
-        kept = (
-            [r for r in read_jsonl(metrics) if r["epoch"] <= state.epoch]
-            if metrics.exists()
-            else []
-        )
-        atomic_write_text(metrics, "".join(_json_line(r) for r in kept))
+        truncate_jsonl(run_dir / "metrics.jsonl", "epoch", state.epoch)
+        truncate_jsonl(run_dir / PLASTICITY_LOG, "step", state.step)
     return state
+
+
+def truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Drop the lines of ``path`` whose ``key`` is past ``last`` (logged after the checkpoint)."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r[key] <= last]
+        atomic_write_text(path, "".join(_json_line(r) for r in kept))
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from neuroplex.train.backprop import Backprop
 from neuroplex.train.local import Local
 from neuroplex.train.method import Method
 from neuroplex.train.parallel import World
+from neuroplex.train.plasticity import NullPlasticity, Plasticity, build_plasticity
 
 METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
 
@@ -29,6 +30,7 @@ class Setup:
     model: Network
     method: Method
     world: World = field(default_factory=World)
+    plasticity: Plasticity | NullPlasticity = field(default_factory=NullPlasticity)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -52,7 +54,11 @@ def build_setup(cfg: Config, world: World | None = None) -> Setup:
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
     method = METHODS[cfg.train.method](model, cfg)
-    return Setup(cfg, device, data, model, method, world or World())
+    s = Setup(cfg, device, data, model, method, world or World())
+    s.plasticity = build_plasticity(
+        cfg, model, method.optimizers, data.train, s.total_steps, s.world
+    )
+    return s
 
 
 def resolve_device(name: str, world: World) -> torch.device:
