@@ -201,6 +201,11 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy smoothing")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    save_epochs: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="keep the model weights after these epochs (0 = the initial weights) in "
+        "rewind/, for neuroplex prune --rewind-epoch",
+    )
     aux: AuxConfig = Field(default_factory=AuxConfig)
     plasticity: PlasticityConfig | None = Field(
         None, description="rewiring of the sparse layers during training; null = off"

@@ -8,9 +8,11 @@ schedule). Kinds (``train.plasticity.kind``):
   the connections that were inactive;
 - ``rigl`` (RigL): the same drop, regrow where the dense gradient |dL/dW| of the last training
   batch is largest;
-- ``hebbian`` (G2GNet): per ensemble pair, the |correlation| of the input and output ensembles'
-  mean activations on a probe batch; drop the least co-active connected pairs, add the most
-  co-active unconnected ones;
+- ``hebbian`` (G2GNet): per ensemble pair, the mean |correlation| between its input units'
+  activations (the layer input) and its output units' (the layer output, before the norm) on
+  a probe batch; drop the least co-active connected pairs, add the most co-active unconnected
+  ones (correlating ensemble *means* instead did worse: 77.6% vs 84.6% on MNIST-1D, 2000
+  steps, seed 0 — a mean over units of mixed-sign weights hides what its units do);
 - ``block_set`` / ``block_rigl``: ``set`` / ``rigl`` on whole ensemble pairs, scored by block
   RMS of the weight and of the dense gradient; the wiring stays block-structured.
 

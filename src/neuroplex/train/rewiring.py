@@ -68,29 +68,26 @@ def block_swap(
 def block_rms(dense: Tensor, wiring: Wiring) -> np.ndarray:
     """Root-mean-square of each ``[out ensemble, in ensemble]`` block of ``dense [n_out, n_in]``:
     ``[g_out, g_in]`` (RMS, not the norm, so blocks of different sizes compare fairly)."""
-    sq = dense.detach().double().square().cpu().numpy()
-    sums = np.add.reduceat(
-        np.add.reduceat(sq, wiring.out_offsets[:-1], 0), wiring.in_offsets[:-1], 1
-    )
-    return np.sqrt(sums / np.outer(wiring.out_sizes, wiring.in_sizes))
+    return np.sqrt(_block_means(dense.detach().double().square().cpu().numpy(), wiring))
 
 
 def ensemble_coactivation(x: Tensor, y: Tensor, wiring: Wiring) -> np.ndarray:
-    """|Pearson correlation| between the mean activation of every input ensemble (``x [p, n_in]``)
-    and of every output ensemble (``y [p, n_out]``) over the probe: ``[g_out, g_in]``.
-    A constant ensemble correlates with nothing (0)."""
-    xm = _ensemble_means(x, wiring.in_offsets)  # [p, g_in]
-    ym = _ensemble_means(y, wiring.out_offsets)  # [p, g_out]
-    xz, yz = _standardized(xm), _standardized(ym)
-    return np.abs(yz.T @ xz) / len(xm)
+    """Mean |Pearson correlation| over the unit pairs of every (output ensemble, input
+    ensemble) block, between input activations ``x [p, n_in]`` and output activations
+    ``y [p, n_out]`` on a probe: ``[g_out, g_in]``. A constant unit correlates with nothing."""
+    xz, yz = _standardized(x), _standardized(y)
+    return _block_means(np.abs(yz.T @ xz) / len(xz), wiring)  # |corr| [n_out, n_in] -> blocks
 
 
-def _ensemble_means(t: Tensor, offsets: np.ndarray) -> np.ndarray:
+def _block_means(a: np.ndarray, wiring: Wiring) -> np.ndarray:
+    """Mean of ``a [n_out, n_in]`` over each ensemble block: ``[g_out, g_in]``."""
+    rows = np.add.reduceat(a, wiring.out_offsets[:-1], 0)
+    sums = np.add.reduceat(rows, wiring.in_offsets[:-1], 1)
+    return sums / np.outer(wiring.out_sizes, wiring.in_sizes)
+
+
+def _standardized(t: Tensor) -> np.ndarray:
     a = t.detach().double().cpu().numpy()
-    return np.add.reduceat(a, offsets[:-1], 1) / np.diff(offsets)
-
-
-def _standardized(a: np.ndarray) -> np.ndarray:
     std = a.std(0)
     return np.where(std > 0, (a - a.mean(0)) / np.where(std > 0, std, 1.0), 0.0)
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 import neuroplex
 from neuroplex.config import Config, to_yaml
 from neuroplex.errors import ConfigError
-from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.files import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 from neuroplex.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -175,6 +176,17 @@ def write_summary(
     if s.world.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def rewind_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "rewind" / f"epoch-{epoch:04d}.safetensors"
+
+
+def save_rewind_point(run_dir: Path, s: Setup, epoch: int) -> None:
+    """Keep the model weights after ``epoch`` epochs if ``train.save_epochs`` lists it."""
+    if epoch in s.cfg.train.save_epochs and s.world.is_main:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in s.model.state_dict().items()}
+        atomic_write(rewind_path(run_dir, epoch), lambda p: save_file(tensors, str(p)))
 
 
 def load_method_state(s: Setup, ckpt: Checkpoint) -> None:

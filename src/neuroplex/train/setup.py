@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,14 +46,19 @@ class Setup:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def build_setup(cfg: Config, world: World | None = None) -> Setup:
-    """Seed, then data, model and method, in a fixed order (so the same seed gives the same run)."""
+def build_setup(
+    cfg: Config, world: World | None = None, prepare: Callable[[Network], None] | None = None
+) -> Setup:
+    """Seed, then data, model and method, in a fixed order (so the same seed gives the same run).
+    ``prepare``, if given, changes the model before the method (and its optimizers) is built."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, world or World())
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
+    if prepare is not None:
+        prepare(model)
     method = METHODS[cfg.train.method](model, cfg)
     s = Setup(cfg, device, data, model, method, world or World())
     s.plasticity = build_plasticity(
