@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from neuroplex.config import BLOCK_KINDS, load_config
 from neuroplex.files import read_jsonl
 from neuroplex.layers.sparse_plan import choose_path
+from neuroplex.network import build_network
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.plasticity import LOG
@@ -151,3 +153,14 @@ def test_resume_in_the_middle_of_rewiring_is_bit_identical(kind, method, tmp_pat
     assert wirings == ref_wirings and tensors.keys() == ref_tensors.keys()
     for key, value in ref_tensors.items():
         assert torch.equal(tensors[key], value), key
+
+
+def test_the_modular_config_is_75_percent_sparse_at_the_dense_width():
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "mnist1d_modular.yaml")
+    dense = load_config(Path(__file__).parents[2] / "configs" / "mnist1d_mlp.yaml")
+    model = build_network(cfg.model, 40, 10)
+    layers = sparse_layers(model)
+    assert len(layers) == len(dense.model.stages) == 4
+    assert [m.out_features for m in layers.values()] == [s.width for s in dense.model.stages]
+    assert all(m.wiring.density == 0.25 for m in layers.values())
+    assert cfg.train.plasticity.kind == "hebbian" and cfg.train.steps == dense.train.steps
