@@ -61,8 +61,8 @@ LOG = "plasticity.jsonl"
 class NullPlasticity:
     """Plasticity switched off."""
 
-    def after_step(self, step: int, run_dir: Path) -> None:
-        pass
+    def after_step(self, step: int, run_dir: Path) -> list[dict[str, Any]]:
+        return []
 
 
 class GradientCapture:
