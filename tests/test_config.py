@@ -82,6 +82,22 @@ BAD = [
     (None, ["model.stages.0.activation=swish"], ["model.stages.0.activation = 'swish'", "gelu"]),
     (None, ["model.stages=[{width: 3}]"], ["model.stages.0.kind", "missing"]),
     (None, ["seed=1.5"], ["seed = 1.5", "integer"]),
+    (None, ["train.plasticity.kind=sat"], ["train.plasticity.kind = 'sat'", "'rigl'"]),
+    (None, ["train.plasticity.every=0"], ["train.plasticity.every = 0", "greater than or equal"]),
+    (None, ["train.plasticity.fraction=0"], ["train.plasticity.fraction = 0", "greater than 0"]),
+    (None, ["train.plasticity.evry=3"], ["train.plasticity.evry", "did you mean 'every'"]),
+    (None, ["train.plasticity.kind=set"], ["train.plasticity", "no sparse stage"]),
+    (
+        None,
+        ["model.stages=[{kind: sparse, wiring: random}]", "train.plasticity.kind=block_set"],
+        ["train.plasticity.kind = 'block_set'", "model.stages.0 has wiring: random"],
+    ),
+    (
+        None,
+        ["model.stages=[{kind: sparse}]", "train.plasticity={}", "train.method=local"]
+        + ["train.aux.kind=momentum"],
+        ["train.plasticity", "aux.kind momentum"],
+    ),
     ("- a\n- b\n", [], ["top level must be a mapping"]),
     ("train: [unclosed\n", [], ["YAML parse error", "line"]),
 ]

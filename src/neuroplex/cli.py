@@ -344,6 +344,32 @@ def customize(
     print(f"summary: {out / 'summary.json'}")
 
 
+@app.command()
+@user_errors
+def prune(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run that kept rewind weights")],
+    rounds: Annotated[int, typer.Option(min=1, help="pruning rounds")] = 5,
+    rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="fraction of the remaining weights per round")
+    ] = 0.2,
+    rewind_epoch: Annotated[
+        int, typer.Option(min=0, help="rewind to the weights after this epoch (train.save_epochs)")
+    ] = 0,
+) -> None:
+    """Lottery tickets: prune by magnitude, rewind, retrain; RUN_DIR/prune/round_R per round."""
+    from neuroplex.train.progress import default_progress
+    from neuroplex.train.prune import prune_run
+
+    rows = prune_run(run_dir, rounds, rate, rewind_epoch, progress=default_progress)
+    table = Table("round", "sparsity", "weights", "test acc", "run dir", title="lottery tickets")
+    for row in rows:
+        acc = "n/a" if row["test_acc"] is None else f"{100 * row['test_acc']:.1f}%"
+        sparsity = f"{100 * row['sparsity']:.1f}%"
+        table.add_row(str(row["round"]), sparsity, str(row["weights"]), acc, row["run_dir"])
+    out.print(table)
+    print(f"table: {run_dir / 'prune' / 'prune.md'}")
+
+
 @bench_app.command("local")
 @user_errors
 def bench_local(

@@ -159,6 +159,29 @@ class AuxConfig(StrictModel):
     momentum: float = Field(0.995, ge=0, lt=1, description="momentum: EMA decay")
 
 
+class PlasticityConfig(StrictModel):
+    """Rewiring of the sparse layers during training (neuroplex.train.plasticity)."""
+
+    kind: Literal["set", "rigl", "hebbian", "block_set", "block_rigl"] = Field(
+        "set",
+        description="set: prune smallest |w|, regrow at random; rigl: regrow largest |dense "
+        "gradient|; hebbian: swap ensemble pairs by activation correlation; block_set / "
+        "block_rigl: set / rigl on whole ensemble blocks",
+    )
+    every: int = Field(100, ge=1, description="steps between rewiring events")
+    fraction: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="initial fraction of active connections (ensemble pairs for hebbian and "
+        "block kinds) swapped per event; cosine-annealed to 0 at end_step",
+    )
+    end_step: int | None = Field(
+        None, ge=1, description="last rewiring before this step; null = end of training"
+    )
+    probe_size: int = Field(256, ge=2, description="hebbian: training samples in the probe")
+
+
 class TrainConfig(StrictModel):
     method: Literal["backprop", "local"] = Field(
         "backprop", description="backprop: end to end; local: per-stage auxiliary networks"
@@ -179,13 +202,30 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy smoothing")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    save_epochs: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="keep the model weights after these epochs (0 = the initial weights) in "
+        "rewind/, for neuroplex prune --rewind-epoch",
+    )
     aux: AuxConfig = Field(default_factory=AuxConfig)
+    plasticity: PlasticityConfig | None = Field(
+        None, description="rewiring of the sparse layers during training; null = off"
+    )
 
     @model_validator(mode="after")
     def _check_betas(self) -> TrainConfig:
         for i, b in enumerate(self.betas):
             if not 0 <= b < 1:
                 raise ValueError(f"betas.{i} = {b}: must be in [0, 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _plasticity_without_ema_copies(self) -> TrainConfig:
+        if self.plasticity is not None and self.method == "local" and self.aux.kind == "momentum":
+            raise ValueError(
+                "plasticity: not supported with method local and aux.kind momentum (the EMA "
+                "copy of a stage cannot follow its rewiring); use another aux.kind"
+            )
         return self
 
 
@@ -198,6 +238,28 @@ class Config(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _plasticity_needs_sparse_stages(self) -> Config:
+        plasticity = self.train.plasticity
+        if plasticity is None:
+            return self
+        sparse = [s for s in self.model.stages if isinstance(s, SparseStageConfig)]
+        if not sparse:
+            raise ValueError(
+                "train.plasticity: the model has no sparse stage to rewire; add a stage with "
+                "kind: sparse or set train.plasticity: null"
+            )
+        unit = [i for i, s in enumerate(self.model.stages) if getattr(s, "wiring", "") == "random"]
+        if plasticity.kind in BLOCK_KINDS and unit:
+            raise ValueError(
+                f"train.plasticity.kind = {plasticity.kind!r}: needs ensemble (block) wirings, "
+                f"but model.stages.{unit[0]} has wiring: random; use kind set or rigl"
+            )
+        return self
+
+
+BLOCK_KINDS = ("hebbian", "block_set", "block_rigl")  # plasticity kinds that rewire ensembles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +465,9 @@ def _reference_rows(prefix: str, model: type[BaseModel]) -> list[str]:
         if isinstance(default, BaseModel):
             sections.append((f"{prefix}{name}.", type(default)))  # listed after this section
             continue
+        optional = _model_in(field.annotation)
+        if default is None and optional is not None:  # an optional section, off by default
+            sections.append((f"{prefix}{name}.", optional))
         shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=1000).strip()
         shown = shown.removesuffix("...").strip()
         meaning = (field.description or "").replace("|", "\\|")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from neuroplex import wiring as W
-from neuroplex.layers import sparse
+from neuroplex.layers import sparse_kernels
 from neuroplex.layers.sparse import SparseLinear, choose_path
 from neuroplex.wiring import Wiring, WiringError
 
@@ -86,7 +87,7 @@ def test_matches_masked_linear_with_gradients(wiring, batch, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gather_in_several_chunks(monkeypatch, bias):
-    monkeypatch.setattr(sparse, "GATHER_BYTES", 1)  # one slot per chunk
+    monkeypatch.setattr(sparse_kernels, "GATHER_BYTES", 1)  # one slot per chunk
     wiring = W.hypergraph([3, 4, 2], [2, 5], [([0, 2], 0), ([1], 1), ([0], 1), ([2], 1)])
     layer = SparseLinear(wiring, bias=bias, path="block-gather", dtype=F64)
     assert layer.geo["k"] == 3  # output 0 has 2 input ensembles + 1 dummy block
@@ -215,3 +216,42 @@ SKIP_ONE = W.hypergraph([2] * 4, [2] * 4, [([j, (j + 2) % 4], j) for j in range(
 def test_forcing_a_path_that_cannot_run_is_a_clear_error(wiring, path, phrase):
     with pytest.raises(WiringError, match=phrase):
         SparseLinear(wiring, path=path)
+
+
+def rewired(wiring: Wiring, seed: int) -> Wiring:
+    """Another wiring of the same widths: a random unit mask, or random block pairs."""
+    gen = np.random.default_rng(seed)
+    if seed % 2:
+        return Wiring(
+            wiring.in_sizes,
+            wiring.out_sizes,
+            unit_mask=gen.random((wiring.n_out, wiring.n_in)) < 0.5,
+        )
+    g_in, g_out = len(wiring.in_sizes), len(wiring.out_sizes)
+    pairs = [((int(gen.integers(g_in)),), j) for j in range(g_out)]  # every output fed
+    pairs += [((i,), j) for i in range(g_in) for j in range(g_out) if gen.random() < 0.4]
+    return Wiring(wiring.in_sizes, wiring.out_sizes, tuple(dict.fromkeys(pairs)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(wiring=wirings(), seed=st.integers(0, 1000))
+def test_set_wiring_keeps_shared_weights_zeroes_new_ones_and_runs_like_a_fresh_layer(wiring, seed):
+    new = rewired(wiring, seed)
+    layer = SparseLinear(wiring, dtype=F64)
+    weight, old = layer.weight, layer.dense_weight().detach().clone()
+    torch.testing.assert_close(layer.to_dense(layer.from_dense(old)), old, atol=0, rtol=0)
+    layer.set_wiring(new)
+    assert layer.weight is weight and layer.wiring == new and layer.path == choose_path(new)
+    mask = torch.as_tensor(new.to_mask())
+    torch.testing.assert_close(layer.dense_weight().detach(), old * mask, atol=0, rtol=0)
+    fresh = SparseLinear(new, dtype=F64)
+    fresh.load_state_dict(layer.state_dict())  # same structure: buffers and shapes agree
+    x = torch.randn(3, wiring.n_in, dtype=F64)
+    torch.testing.assert_close(fresh(x), F.linear(x, old * mask, layer.bias), atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer(x), fresh(x), atol=0, rtol=0)
+
+
+def test_set_wiring_refuses_other_widths():
+    layer = SparseLinear(W.modular(8, 8, 2, 1))
+    with pytest.raises(WiringError, match="same widths"):
+        layer.set_wiring(W.dense(8, 9))

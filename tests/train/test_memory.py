@@ -74,3 +74,18 @@ def test_reset_peak_and_rss():
     meter.reset_peak()
     assert meter.peak == 0
     assert peak_rss_bytes() > 10 * 2**20  # torch alone is far above 10 MiB
+
+
+def test_a_parameter_whose_data_is_replaced_stays_excluded():
+    model = mlp()
+    meter = ActivationMeter(model.parameters())
+    x, y = torch.randn(B, D), torch.zeros(B, dtype=torch.long)
+    with meter.track():
+        F.cross_entropy(model(x), y).backward()
+    first = meter.peak
+    with torch.no_grad():
+        model[2].weight.data = model[2].weight.data.clone()  # new storage, as rewiring does
+    meter.reset_peak()
+    with meter.track():
+        F.cross_entropy(model(x), y).backward()
+    assert meter.peak == first

@@ -37,6 +37,7 @@ class Backprop:
         self.model, self.cfg = model, cfg.train
         self.forward = data_parallel(ForwardStages(model))
         self.optimizer = build_optimizer([model], cfg.train)
+        self.optimizers = [self.optimizer]
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """One update on a batch ``x [b, d]``, ``y [b]``."""

@@ -4,7 +4,9 @@ Run directory written (by rank 0) through neuroplex.train.rundir::
 
     config.yaml      the resolved config
     metrics.jsonl    one JSON line per epoch (losses, accuracies, lr, samples/s, wall time)
+    plasticity.jsonl one JSON line per rewiring event (neuroplex.train.plasticity), if enabled
     checkpoints/     see neuroplex.train.checkpoint
+    rewind/          epoch-EEEE.safetensors: model weights after the epochs in train.save_epochs
     summary.json     final figures, written when the run ends (or stops, or diverges)
 
 Shape legend: ``b`` batch, ``d`` features.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +26,20 @@ from torch import Tensor
 from neuroplex.config import Config
 from neuroplex.errors import TrainingDiverged
 from neuroplex.files import append_jsonl
+from neuroplex.network import Network
 from neuroplex.train.evaluate import evaluate_splits
 from neuroplex.train.memory import ActivationMeter
 from neuroplex.train.optim import lr_at
 from neuroplex.train.parallel import close_world, init_world
 from neuroplex.train.progress import NullProgress
-from neuroplex.train.rundir import LoopState, restore, save, start_run_dir, write_summary
+from neuroplex.train.rundir import (
+    LoopState,
+    restore,
+    save,
+    save_rewind_point,
+    start_run_dir,
+    write_summary,
+)
 from neuroplex.train.setup import Setup, build_setup
 
 
@@ -39,16 +50,19 @@ def train(
     resume: bool = False,
     stop_after_epoch: int | None = None,
     progress: NullProgress | None = None,
+    prepare: Callable[[Network], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); return the summary.
 
     ``stop_after_epoch`` ends the session after that many epochs with a checkpoint, so a long run
     can be done in pieces; resuming it gives the same metrics as an uninterrupted run.
+    ``prepare`` changes the freshly built model before the method sees it (e.g. a pruned
+    lottery ticket, neuroplex.train.prune).
     """
     run_dir = Path(run_dir)
     world = init_world()
     try:
-        s = build_setup(cfg, world)
+        s = build_setup(cfg, world, prepare)
         if not world.is_main:
             progress = None  # one progress display, on rank 0
         state = restore(run_dir, s) if resume else start_run_dir(run_dir, s)
@@ -68,6 +82,7 @@ def run_epochs(
     progress.start(s.total_steps, state.step)
     try:
         for epoch in range(state.epoch, last_epoch):
+            save_rewind_point(run_dir, s, epoch)  # if train.save_epochs lists it
             record = run_epoch(s, state, meter, epoch, run_dir, progress)
             if s.world.is_main:
                 append_jsonl(run_dir / "metrics.jsonl", record)
@@ -118,6 +133,7 @@ def run_epoch(
                 f"train.grad_clip."
             )
         state.step += 1
+        s.plasticity.after_step(state.step, run_dir)  # rewiring, every train.plasticity.every
         loss_sum += loss * len(idx)
         correct += int(result.correct)
         seen += len(idx)

@@ -35,11 +35,14 @@ class ActivationMeter:
     """Counts live bytes saved for backward; ``peak`` is the maximum since ``reset_peak``.
 
     Args:
-        exclude: tensors whose storage is never counted (the model's parameters).
+        exclude: tensors whose storage is never counted (the model's parameters); their
+            storage is looked up again at every :meth:`track`, so a parameter whose data was
+            replaced (rewiring) stays excluded.
     """
 
     def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
-        self._excluded = {_storage_key(t) for t in exclude}
+        self._exclude = list(exclude)
+        self._excluded: set[int] = set()
         self._live: dict[int, list[int]] = {}  # storage key -> [bytes, references]
         self.current = 0
         self.peak = 0
@@ -50,6 +53,7 @@ class ActivationMeter:
     @contextmanager
     def track(self):
         """Count every tensor saved for backward inside this block."""
+        self._excluded = {_storage_key(t) for t in self._exclude}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
+import torch
 from torch import Tensor, nn
 
 
@@ -18,6 +19,8 @@ class StepResult(NamedTuple):
 
 
 class Method(Protocol):
+    optimizers: list[torch.optim.Optimizer]  # every optimizer (plasticity resets their moments)
+
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """One update on a batch ``x [b, d]``, ``y [b]`` at learning rate ``lr``."""
         ...

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 import neuroplex
 from neuroplex.config import Config, to_yaml
 from neuroplex.errors import ConfigError
-from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.files import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 from neuroplex.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -29,6 +30,8 @@ from neuroplex.train.checkpoint import (
     save_checkpoint,
 )
 from neuroplex.train.memory import peak_rss_bytes
+from neuroplex.train.plasticity import LOG as PLASTICITY_LOG
+from neuroplex.train.rewiring import restore_wirings, wiring_state
 from neuroplex.train.setup import Setup
 
 
@@ -69,6 +72,7 @@ def save(run_dir: Path, s: Setup, state: LoopState, *, best: bool) -> None:
     meta = {
         "loop": asdict(state),
         "method": method_meta,
+        "wirings": wiring_state(s.model),  # plasticity may have rewired the sparse layers
         "rng": {"ranks": s.world.gather(json.dumps(rng_state(s.device)))},
         "config_digest": config_digest(s.cfg),
         "versions": versions(),
@@ -85,20 +89,23 @@ def restore(run_dir: Path, s: Setup) -> LoopState:
             f"{run_dir}: the checkpoint was written with a different config than "
             f"{run_dir / 'config.yaml'}; resume with the run's own config"
         )
+    restore_wirings(s.model, ckpt.state.get("wirings", {}))  # before the shapes are checked
     load_module_state(s.model, ckpt.tensors, "model.")
     load_method_state(s, ckpt)
     ranks = ckpt.state["rng"]["ranks"]  # exact resume needs the same number of ranks
     set_rng_state(json.loads(ranks[s.world.rank % len(ranks)]), s.device)
     state = LoopState(**ckpt.state["loop"])
-    metrics = run_dir / "metrics.jsonl"
     if s.world.is_main:
-        kept = (
-            [r for r in read_jsonl(metrics) if r["epoch"] <= state.epoch]
-            if metrics.exists()
-            else []
-        )
-        atomic_write_text(metrics, "".join(_json_line(r) for r in kept))
+        truncate_jsonl(run_dir / "metrics.jsonl", "epoch", state.epoch)
+        truncate_jsonl(run_dir / PLASTICITY_LOG, "step", state.step)
     return state
+
+
+def truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """Drop the lines of ``path`` whose ``key`` is past ``last`` (logged after the checkpoint)."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r[key] <= last]
+        atomic_write_text(path, "".join(_json_line(r) for r in kept))
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -179,6 +186,17 @@ def min_expert_load(record: dict[str, Any]) -> float | None:
     expert shows as ~0. ``None`` without MoE stages."""
     loads = [v for k, v in record.items() if re.fullmatch(r"stage\d+\.load\.\d+", k)]
     return min(loads, default=None)
+
+
+def rewind_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "rewind" / f"epoch-{epoch:04d}.safetensors"
+
+
+def save_rewind_point(run_dir: Path, s: Setup, epoch: int) -> None:
+    """Keep the model weights after ``epoch`` epochs if ``train.save_epochs`` lists it."""
+    if epoch in s.cfg.train.save_epochs and s.world.is_main:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in s.model.state_dict().items()}
+        atomic_write(rewind_path(run_dir, epoch), lambda p: save_file(tensors, str(p)))
 
 
 def load_method_state(s: Setup, ckpt: Checkpoint) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from neuroplex.train.backprop import Backprop
 from neuroplex.train.local import Local
 from neuroplex.train.method import Method
 from neuroplex.train.parallel import World
+from neuroplex.train.plasticity import NullPlasticity, Plasticity, build_plasticity
 
 METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
 
@@ -29,6 +31,7 @@ class Setup:
     model: Network
     method: Method
     world: World = field(default_factory=World)
+    plasticity: Plasticity | NullPlasticity = field(default_factory=NullPlasticity)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -43,16 +46,25 @@ class Setup:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-def build_setup(cfg: Config, world: World | None = None) -> Setup:
-    """Seed, then data, model and method, in a fixed order (so the same seed gives the same run)."""
+def build_setup(
+    cfg: Config, world: World | None = None, prepare: Callable[[Network], None] | None = None
+) -> Setup:
+    """Seed, then data, model and method, in a fixed order (so the same seed gives the same run).
+    ``prepare``, if given, changes the model before the method (and its optimizers) is built."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, world or World())
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
+    if prepare is not None:
+        prepare(model)
     method = METHODS[cfg.train.method](model, cfg)
-    return Setup(cfg, device, data, model, method, world or World())
+    s = Setup(cfg, device, data, model, method, world or World())
+    s.plasticity = build_plasticity(
+        cfg, model, method.optimizers, data.train, s.total_steps, s.world
+    )
+    return s
 
 
 def resolve_device(name: str, world: World) -> torch.device:

@@ -1,0 +1,153 @@
+"""Rewiring arithmetic: which connections to prune and regrow, and applying a new wiring to a
+SparseLinear together with its optimizer state. The schedule and the events live in
+neuroplex.train.plasticity; this file decides and applies one swap.
+
+Shape legend: ``n_out`` / ``n_in`` units, ``g_out`` / ``g_in`` ensembles, ``p`` probe samples.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from neuroplex.errors import CheckpointError
+from neuroplex.layers.sparse import SparseLinear
+from neuroplex.wiring import Wiring, WiringError
+
+Pair = tuple[int, int]  # (input ensemble, output ensemble)
+
+
+# ---- choosing ------------------------------------------------------------------------------
+def unit_swap(magnitude: Tensor, mask: Tensor, grow_score: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Flat indices of the ``n`` active connections with the smallest ``magnitude`` and of the
+    ``n`` inactive ones with the largest ``grow_score`` (all ``[n_out, n_in]``, ``mask`` bool).
+    Just-pruned connections are not regrown; ``n`` is capped so both sides have enough."""
+    active, inactive = mask.flatten().nonzero().squeeze(1), (~mask).flatten().nonzero().squeeze(1)
+    n = min(n, len(active), len(inactive))
+    weakest = torch.argsort(magnitude.flatten()[active], stable=True)[:n]
+    strongest = torch.argsort(grow_score.flatten()[inactive], descending=True, stable=True)[:n]
+    return active[weakest], inactive[strongest]
+
+
+def block_swap(
+    wiring: Wiring, prune_score: np.ndarray, grow_score: np.ndarray, n: int
+) -> tuple[list[Pair], list[Pair]]:
+    """Up to ``n`` ensemble pairs to drop (lowest ``prune_score``) and as many to add (highest
+    ``grow_score`` among unconnected pairs); scores are ``[g_out, g_in]``.
+
+    Every output ensemble keeps at least one input, and each added pair spans as many units as
+    the pair it replaces, so the unit-level density stays exactly the same.
+    """
+    area = np.outer(wiring.out_sizes, wiring.in_sizes)  # [g_out, g_in] units per pair
+    connected = np.zeros(area.shape, dtype=bool)
+    for i, j in wiring.block_pairs:
+        connected[j, i] = True
+    fan_in = connected.sum(1)
+    candidates = [(j, i) for j, i in zip(*np.nonzero(~connected), strict=True)]
+    candidates.sort(key=lambda ji: -grow_score[ji])  # stable: ties keep index order
+    pruned, grown = [], []
+    for flat in np.argsort(np.where(connected, prune_score, np.inf), axis=None, kind="stable"):
+        j, i = np.unravel_index(flat, area.shape)
+        if len(pruned) == n or not connected[j, i]:
+            break
+        match = next((c for c in candidates if area[c] == area[j, i]), None)
+        if fan_in[j] == 1 or match is None:
+            continue
+        fan_in[j] -= 1
+        fan_in[match[0]] += 1
+        candidates.remove(match)
+        pruned.append((int(i), int(j)))
+        grown.append((int(match[1]), int(match[0])))
+    return pruned, grown
+
+
+def block_rms(dense: Tensor, wiring: Wiring) -> np.ndarray:
+    """Root-mean-square of each ``[out ensemble, in ensemble]`` block of ``dense [n_out, n_in]``:
+    ``[g_out, g_in]`` (RMS, not the norm, so blocks of different sizes compare fairly)."""
+    return np.sqrt(_block_means(dense.detach().double().square().cpu().numpy(), wiring))
+
+
+def ensemble_coactivation(x: Tensor, y: Tensor, wiring: Wiring) -> np.ndarray:
+    """Mean |Pearson correlation| over the unit pairs of every (output ensemble, input
+    ensemble) block, between input activations ``x [p, n_in]`` and output activations
+    ``y [p, n_out]`` on a probe: ``[g_out, g_in]``. A constant unit correlates with nothing."""
+    xz, yz = _standardized(x), _standardized(y)
+    return _block_means(np.abs(yz.T @ xz) / len(xz), wiring)  # |corr| [n_out, n_in] -> blocks
+
+
+def _block_means(a: np.ndarray, wiring: Wiring) -> np.ndarray:
+    """Mean of ``a [n_out, n_in]`` over each ensemble block: ``[g_out, g_in]``."""
+    rows = np.add.reduceat(a, wiring.out_offsets[:-1], 0)
+    sums = np.add.reduceat(rows, wiring.in_offsets[:-1], 1)
+    return sums / np.outer(wiring.out_sizes, wiring.in_sizes)
+
+
+def _standardized(t: Tensor) -> np.ndarray:
+    a = t.detach().double().cpu().numpy()
+    std = a.std(0)
+    return np.where(std > 0, (a - a.mean(0)) / np.where(std > 0, std, 1.0), 0.0)
+
+
+def pairs_wiring(wiring: Wiring, pruned: list[Pair], grown: list[Pair]) -> Wiring:
+    """``wiring``'s ensemble pairs minus ``pruned`` plus ``grown``, one edge per pair (hyperedges
+    become their pairs: the layer executes pairs anyway)."""
+    pairs = (set(wiring.block_pairs) - set(pruned)) | set(grown)
+    edges = tuple(((i,), j) for i, j in sorted(pairs, key=lambda p: (p[1], p[0])))
+    return Wiring(wiring.in_sizes, wiring.out_sizes, edges)
+
+
+# ---- applying ------------------------------------------------------------------------------
+@torch.no_grad()
+def apply_wiring(layer: SparseLinear, wiring: Wiring, optimizer: torch.optim.Optimizer) -> None:
+    """Rewire ``layer`` to ``wiring``: surviving connections keep their weight and optimizer
+    moments, new ones start at zero weight with zeroed moments (every state tensor shaped like
+    the weight: AdamW ``exp_avg`` / ``exp_avg_sq``, SGD ``momentum_buffer``)."""
+    state = optimizer.state.get(layer.weight, {})
+    shaped = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == layer.weight.shape]
+    moments = {k: layer.to_dense(state[k]) for k in shaped}
+    old = torch.as_tensor(layer.wiring.to_mask(), device=layer.weight.device)
+    layer.set_wiring(wiring)
+    kept = old & torch.as_tensor(wiring.to_mask(), device=old.device)
+    for k, full in moments.items():
+        state[k] = layer.from_dense(full * kept)
+
+
+def owner(weight: Tensor, optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """The optimizer that updates ``weight`` (local learning has one per stage)."""
+    for opt in optimizers:
+        if any(p is weight for group in opt.param_groups for p in group["params"]):
+            return opt
+    raise ValueError("no optimizer updates this weight")
+
+
+# ---- the model's wirings in a checkpoint ---------------------------------------------------
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    """Every SparseLinear of ``model`` by its module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def wiring_state(model: nn.Module) -> dict[str, Any]:
+    """JSON-able wiring of every SparseLinear (a checkpoint needs it when rewiring changed it)."""
+    return {name: json.loads(m.wiring.to_json()) for name, m in sparse_layers(model).items()}
+
+
+def restore_wirings(model: nn.Module, state: dict[str, Any]) -> None:
+    """Rewire ``model``'s SparseLinear layers to the wirings of :func:`wiring_state`, so a freshly
+    built model takes a rewired checkpoint's shapes and buffers."""
+    layers = sparse_layers(model)
+    for name, data in state.items():
+        if name not in layers:
+            raise CheckpointError(
+                f"checkpoint has a wiring for layer {name!r}, which this model lacks; "
+                "was it written with another config?"
+            )
+        try:
+            wiring = Wiring.from_json(json.dumps(data), source=f"checkpoint wiring of {name}")
+            if wiring != layers[name].wiring:
+                layers[name].set_wiring(wiring)
+        except WiringError as e:
+            raise CheckpointError(str(e)) from None
