@@ -377,14 +377,21 @@ def bench_local(
     seeds: Annotated[int, typer.Option(min=1)] = 3,
     steps: Annotated[int, typer.Option(min=1)] = 8000,
     width: Annotated[int, typer.Option(min=1)] = 256,
+    method: Annotated[
+        list[str] | None, typer.Option(help="methods to run (default: all); repeatable")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="keep the runs already in --out")] = False,
     out: Annotated[
         Path, typer.Option(help="JSON output (a .md table is written beside it)")
     ] = Path("docs/bench/local.json"),
 ) -> None:
     """Backprop vs local learning (each aux kind): accuracy, activation memory, RSS, time."""
-    from neuroplex.bench.local import run, table
+    from neuroplex.bench.local import METHODS, run, table
 
-    print(table(run(stages, seeds, steps, width, out)))
+    for name in method or []:
+        if name not in METHODS:
+            raise NeuroplexError(f"--method {name!r}: expected one of {', '.join(METHODS)}")
+    print(table(run(stages, seeds, steps, width, out, method, resume)))
 
 
 @bench_app.command("moe")

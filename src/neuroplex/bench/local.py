@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroplex.bench import machine
+from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_json, atomic_write_text
 
 METHODS: dict[str, list[str]] = {
@@ -50,24 +51,51 @@ def run_one(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def run(stage_counts: list[int], seeds: int, steps: int, width: int, out: Path) -> dict[str, Any]:
+def run(
+    stage_counts: list[int],
+    seeds: int,
+    steps: int,
+    width: int,
+    out: Path,
+    methods: list[str] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Seed by seed (so a cut-short benchmark stays balanced), every stage count and method;
-    the JSON and table are rewritten after every run."""
+    the JSON and table are rewritten after every run. ``resume`` keeps the runs already in
+    ``out`` (same steps and width) and does only the missing ones."""
     result: dict[str, Any] = {"machine": machine(), "steps": steps, "width": width, "runs": []}
+    if resume and out.exists():
+        result["runs"] = previous_runs(out, steps, width)
+    done = {(r["stages"], r["method"], r["seed"]) for r in result["runs"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
         for seed in range(seeds):
             for stages in stage_counts:
-                for name, method in METHODS.items():
-                    overrides = [*base_overrides(stages, width, steps), *method, f"seed={seed}"]
+                for name in methods or list(METHODS):
+                    if (stages, name, seed) in done:
+                        continue
+                    overrides = [*base_overrides(stages, width, steps), *METHODS[name]]
                     run_dir = Path(tmp) / f"{stages}-{name.replace(' / ', '-')}-{seed}"
-                    summary = run_one(overrides, run_dir)
+                    summary = run_one([*overrides, f"seed={seed}"], run_dir)
                     row = {**summary, "stages": stages, "method": name, "seed": seed}
                     result["runs"].append(row)
                     atomic_write_json(out, result)
                     atomic_write_text(out.with_suffix(".md"), table(result))
                     print(f"stages={stages} {name} seed={seed}: test_acc={summary['test_acc']}")
     return result
+
+
+def previous_runs(out: Path, steps: int, width: int) -> list[dict[str, Any]]:
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        raise NeuroplexError(f"--resume: cannot read {out}: {e}") from None
+    if (old.get("steps"), old.get("width")) != (steps, width):
+        raise NeuroplexError(
+            f"--resume: {out} holds steps={old.get('steps')}, width={old.get('width')}; "
+            f"this run asks for steps={steps}, width={width}"
+        )
+    return old["runs"]
 
 
 def table(result: dict[str, Any]) -> str:
@@ -86,12 +114,12 @@ def table(result: dict[str, Any]) -> str:
         accs = [100 * r["test_acc"] for r in runs]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         act = statistics.mean(r["activation_bytes_peak"] for r in runs)
-        bp = groups[(stages, "backprop")]
-        ratio = act / statistics.mean(r["activation_bytes_peak"] for r in bp)
+        bp = groups.get((stages, "backprop"))
+        ratio = act / statistics.mean(r["activation_bytes_peak"] for r in bp) if bp else None
         rss = statistics.mean(r["peak_rss_bytes"] for r in runs) / 2**20
         epoch_s = statistics.mean(r["train_time_s"] / r["epochs"] for r in runs)
         lines.append(
             f"| {stages} | {method} | {statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
-            f"{act / 2**20:.2f} MiB | {ratio:.2f}× | {rss:.0f} MiB | {epoch_s:.3f} s |"
+            f"{act / 2**20:.2f} MiB | {'—' if ratio is None else f'{ratio:.2f}×'} | {rss:.0f} MiB | {epoch_s:.3f} s |"
         )
     return "\n".join(lines) + "\n"
