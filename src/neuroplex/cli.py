@@ -433,6 +433,55 @@ def bench_moe(
     print(table(result))
 
 
+@bench_app.command("sparse")
+@user_errors
+def bench_sparse(
+    width: Annotated[int, typer.Option(min=1, help="layer width (square layer)")] = 4096,
+    batch: Annotated[list[int], typer.Option(help="batch sizes")] = [256, 2048],  # noqa: B006
+    density: Annotated[list[float], typer.Option(help="target densities")] = [  # noqa: B006
+        0.5,
+        0.25,
+        0.1,
+        0.05,
+    ],
+    block: Annotated[list[int], typer.Option(help="block sizes")] = [16, 32, 64, 128],  # noqa: B006
+    pattern: Annotated[list[str], typer.Option(help="modular wiring patterns")] = [  # noqa: B006
+        "ring",
+        "shuffle",
+        "random",
+    ],
+    repeats: Annotated[int, typer.Option(min=1, help="timed rounds (median)")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
+    csr_max_batch: Annotated[
+        int, typer.Option(min=0, help="skip torch.sparse CSR above this batch")
+    ] = 256,
+    seed: Annotated[int, typer.Option(help="seed of weights, inputs and random wirings")] = 0,
+    out: Annotated[
+        Path, typer.Option(help="JSON output (a .md table is written beside it)")
+    ] = Path("docs/bench/sparse.json"),
+) -> None:
+    """SparseLinear (auto and each block path) vs masked dense, torch.sparse CSR and nn.Linear."""
+    from neuroplex.bench.sparse import run, table
+
+    if any(b < 1 for b in batch):
+        raise NeuroplexError(f"--batch {batch}: every value must be at least 1")
+    result = run(
+        width=width,
+        batches=batch,
+        patterns=pattern,
+        blocks=block,
+        densities=density,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        csr_max_batch=csr_max_batch,
+        seed=seed,
+        out=out,
+    )
+    print(table(result))
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

@@ -1,0 +1,307 @@
+"""``neuroplex bench sparse``: SparseLinear against masked dense, ``torch.sparse`` CSR and
+``nn.Linear``.
+
+One size is (batch ``b``, pattern, block size ``s``, target density): a square ``modular``
+wiring of ``width / s`` ensembles with ``m`` chosen so ``(m + 1) / ensembles`` is nearest the
+target (the table gives the actual density). Every implementation gets the *same* effective
+weight (SparseLinear's masked weight) and bias, so all compute the same output and the timings
+compare equal work:
+
+- ``auto``: ``SparseLinear`` on the path it picks itself (the table names it);
+- ``block-window`` / ``block-gather``: ``SparseLinear`` forced onto each block path it can
+  take (``block-window`` only for cyclic-window wirings: ring and shuffle);
+- ``masked``: ``F.linear(x, W * mask, bias)`` with plain autograd;
+- ``csr``: ``torch.sparse.mm`` on a CSR weight whose values are the parameter (skipped above
+  ``csr_max_batch``: it is many times slower than dense there);
+- ``dense``: ``nn.Linear``, the reference of every ratio.
+
+Timing as in ``neuroplex bench moe``: interleaved rounds in one process (one forward under
+``no_grad``, then one forward + backward with the input gradient, per candidate per round),
+after warm-up. Ratios are medians of the per-round ratio to dense (machine noise hits a
+round's candidates alike); times are medians. Shapes: ``x [b, width]``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from neuroplex import wiring as W
+from neuroplex.bench import machine
+from neuroplex.errors import ConfigError
+from neuroplex.files import atomic_write_json, atomic_write_text
+from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.sparse_plan import block_plan
+
+IMPLS = ("auto", "block-window", "block-gather", "masked", "csr", "dense")
+METRICS = ("fwd", "fwd_bwd")
+
+
+@dataclass
+class Candidate:
+    """An implementation under test: ``call(x) -> y`` with trainable ``params``; ``skip`` says
+    why it cannot run at this size."""
+
+    name: str
+    call: Callable[[Tensor], Tensor] | None
+    params: list[Tensor]
+    path: str | None = None
+    skip: str | None = None
+
+
+def wiring_for(width: int, block: int, density: float, pattern: str, seed: int = 0) -> W.Wiring:
+    """Square modular wiring, ``width / block`` ensembles, ``m`` nearest the target density."""
+    g = width // block
+    m = min(g - 1, max(0, round(density * g) - 1))
+    return W.modular(width, width, g, m, pattern, seed=seed)
+
+
+def candidates(wiring: W.Wiring, batch: int, csr_max_batch: int) -> list[Candidate]:
+    """Every implementation of ``wiring``, all with the auto layer's weight and bias."""
+    auto = SparseLinear(wiring)
+    weight, bias = auto.dense_weight().detach(), auto.bias.detach()
+    found = [_sparse("auto", auto)]
+    for path in ("block-window", "block-gather"):
+        found.append(_forced(wiring, path, weight, bias))
+    found.append(_masked(wiring, weight, bias))
+    if batch > csr_max_batch:
+        found.append(Candidate("csr", None, [], skip=f"batch {batch} > --csr-max-batch"))
+    else:
+        found.append(_csr(wiring, weight, bias))
+    dense = nn.Linear(wiring.n_in, wiring.n_out)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        dense.bias.copy_(bias)
+    found.append(Candidate("dense", dense, list(dense.parameters()), "dense"))
+    return found
+
+
+def _sparse(name: str, layer: SparseLinear) -> Candidate:
+    return Candidate(name, layer, list(layer.parameters()), layer.path)
+
+
+def _forced(wiring: W.Wiring, path: str, weight: Tensor, bias: Tensor) -> Candidate:
+    if path == "block-window" and not _windowed(wiring):
+        return Candidate(path, None, [], skip="not a cyclic-window wiring")
+    layer = SparseLinear(wiring, path=path)
+    with torch.no_grad():
+        layer.weight.data = layer.from_dense(weight)
+        layer.bias.copy_(bias)
+    return _sparse(path, layer)
+
+
+def _windowed(wiring: W.Wiring) -> bool:
+    return wiring.is_block and block_plan(wiring, window=True) is not None
+
+
+def _masked(wiring: W.Wiring, weight: Tensor, bias: Tensor) -> Candidate:
+    w, b = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+    mask = torch.as_tensor(wiring.to_mask(), dtype=weight.dtype)
+    return Candidate("masked", lambda x: F.linear(x, w * mask, b), [w, b], "masked-dense")
+
+
+def _csr(wiring: W.Wiring, weight: Tensor, bias: Tensor) -> Candidate:
+    """``y = (W_csr @ x^T)^T + bias``; the CSR values are the trainable parameter."""
+    rows, cols = torch.as_tensor(wiring.to_mask()).nonzero(as_tuple=True)
+    values = nn.Parameter(weight[rows, cols].clone())
+    crow = torch.zeros(wiring.n_out + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=wiring.n_out).cumsum(0)
+    b = nn.Parameter(bias.clone())
+    shape = (wiring.n_out, wiring.n_in)
+
+    def call(x: Tensor) -> Tensor:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            matrix = torch.sparse_csr_tensor(crow, cols, values, shape)
+            return torch.sparse.mm(matrix, x.t()).t() + b
+
+    return Candidate("csr", call, [values, b], "csr")
+
+
+def time_rounds(
+    runnable: list[Candidate], x: Tensor, repeats: int, warmup: int
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per timed round of forward (``no_grad``) and forward + backward (input
+    gradient included, as in a hidden layer), per candidate; ``x [b, width]``."""
+    times: dict[str, dict[str, list[float]]] = {c.name: {m: [] for m in METRICS} for c in runnable}
+    grad = torch.randn_like(x)  # [b, width]: the layers are square
+    x = x.detach().requires_grad_(True)
+    for i in range(warmup + repeats):
+        for c in runnable:
+            fwd, fwd_bwd = time_once(c, x, grad)
+            if i >= warmup:
+                times[c.name]["fwd"].append(fwd)
+                times[c.name]["fwd_bwd"].append(fwd_bwd)
+    return times
+
+
+def time_once(c: Candidate, x: Tensor, grad: Tensor) -> tuple[float, float]:
+    assert c.call is not None
+    x.grad = None
+    for p in c.params:
+        p.grad = None
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        c.call(x)
+        fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c.call(x).backward(grad)
+    return fwd, time.perf_counter() - t0
+
+
+def sizes(
+    batches: Sequence[int],
+    patterns: Sequence[str],
+    blocks: Sequence[int],
+    densities: Sequence[float],
+) -> Iterator[tuple[int, str, int, float]]:
+    for b in batches:
+        for pattern in patterns:
+            for s in blocks:
+                for density in densities:
+                    yield b, pattern, s, density
+
+
+def setup(
+    width: int, b: int, pattern: str, s: int, density: float, opts: dict[str, Any]
+) -> tuple[W.Wiring, list[Candidate], Tensor]:
+    """The wiring, every candidate and the input ``x [b, width]`` of one size (seeded)."""
+    torch.manual_seed(opts["seed"])
+    wiring = wiring_for(width, s, density, pattern, opts["seed"])
+    found = candidates(wiring, b, opts["csr_max_batch"])
+    return wiring, found, torch.randn(b, width)
+
+
+def measure_size(
+    width: int, b: int, pattern: str, s: int, density: float, opts: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per implementation: median seconds and median per-round ratio to dense."""
+    wiring, found, x = setup(width, b, pattern, s, density, opts)
+    runnable = [c for c in found if c.skip is None]
+    times = time_rounds(runnable, x, opts["repeats"], opts["warmup"])
+    size = {
+        "width": width,
+        "batch": b,
+        "pattern": pattern,
+        "block": s,
+        "target_density": density,
+        "density": wiring.density,
+        "ensembles": len(wiring.in_sizes),
+        "m": len(wiring.edges) // len(wiring.out_sizes) - 1,
+    }
+    rows = []
+    for c in found:
+        row = {**size, "impl": c.name, "path": c.path, "skip": c.skip}
+        for m in METRICS:
+            mine = times.get(c.name, {}).get(m)
+            row[m] = statistics.median(mine) if mine else None
+            ratios = [t / d for t, d in zip(mine, times["dense"][m], strict=True)] if mine else []
+            row[f"{m}_vs_dense"] = statistics.median(ratios) if ratios else None
+        rows.append(row)
+    return rows
+
+
+def check_options(
+    width: int, blocks: Sequence[int], densities: Sequence[float], patterns: Sequence[str]
+) -> None:
+    """One-line ConfigError for an option the benchmark cannot run."""
+    for s in blocks:
+        if not 1 <= s <= width:
+            raise ConfigError(f"--block = {s}: must be between 1 and --width ({width})")
+    for d in densities:
+        if not 0 < d <= 1:
+            raise ConfigError(f"--density = {d}: must be in (0, 1]")
+    for p in patterns:
+        if p not in W.PATTERNS:
+            raise ConfigError(f"--pattern = {p!r}: must be one of {', '.join(W.PATTERNS)}")
+
+
+def run(
+    *,
+    width: int = 4096,
+    batches: Sequence[int] = (256, 2048),
+    patterns: Sequence[str] = ("ring", "shuffle", "random"),
+    blocks: Sequence[int] = (16, 32, 64, 128),
+    densities: Sequence[float] = (0.5, 0.25, 0.1, 0.05),
+    repeats: int = 5,
+    warmup: int = 2,
+    threads: int = 2,
+    csr_max_batch: int = 256,
+    seed: int = 0,
+    out: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every size, one after another; JSON and table rewritten after each size."""
+    check_options(width, blocks, densities, patterns)
+    torch.set_num_threads(threads)
+    opts = {"repeats": repeats, "warmup": warmup, "csr_max_batch": csr_max_batch, "seed": seed}
+    result: dict[str, Any] = {"machine": machine(), "threads": threads, **opts, "rows": []}
+    for b, pattern, s, density in sizes(batches, patterns, blocks, densities):
+        result["rows"] += measure_size(width, b, pattern, s, density, opts)
+        echo(f"batch={b} pattern={pattern} block={s} density={density} done")
+        if out is not None:
+            write(result, out)
+    return result
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    atomic_write_text(out.with_suffix(".md"), table(result))
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: a forward + backward table, then a forward-only table."""
+    width = result["rows"][0]["width"] if result["rows"] else "?"
+    head = (
+        f"{width}×{width}, float32, {result['machine']}, {result['threads']} threads, median of "
+        f"{result['repeats']} interleaved rounds after {result['warmup']} warm-up. Each cell is "
+        "the time relative to `nn.Linear` (median of per-round ratios); ideal = density. "
+        "`auto` = the path SparseLinear picks itself, `window`/`gather` = its block paths "
+        "forced, `masked` = `F.linear(x, W * mask)`, `CSR` = `torch.sparse.mm`; — = not run "
+        "(window: not a cyclic-window wiring; CSR: batch above --csr-max-batch). Forward + "
+        "backward includes the input gradient."
+    )
+    parts = [head]
+    for metric, title in (("fwd_bwd", "Forward + backward"), ("fwd", "Forward (no_grad)")):
+        parts += ["", f"**{title}**", "", metric_table(result["rows"], metric)]
+    return "\n".join(parts)
+
+
+_COLUMNS = (("auto", "auto"), ("block-window", "window"), ("block-gather", "gather"))
+_COLUMNS += (("masked", "masked"), ("csr", "CSR"))
+
+
+def metric_table(rows: list[dict[str, Any]], metric: str) -> str:
+    names = " | ".join(title for _, title in _COLUMNS)
+    lines = [
+        f"| b | pattern | s | density=ideal | auto path | dense (ms) | {names} "
+        "| auto÷masked | auto÷ideal |",
+        "|---" * (8 + len(_COLUMNS)) + "|",
+    ]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        key = (r["batch"], r["pattern"], r["block"], r["density"])
+        groups.setdefault(key, {})[r["impl"]] = r
+    for (b, pattern, s, density), impls in groups.items():
+        ratio = {name: impls[name][f"{metric}_vs_dense"] for name in impls}
+        auto = ratio["auto"]
+        cells = [str(b), pattern, str(s), f"{density:.3f}", impls["auto"]["path"]]
+        cells.append(f"{1000 * impls['dense'][metric]:.1f}")
+        cells += [_cell(ratio.get(name)) for name, _ in _COLUMNS]
+        cells += [_cell(auto / ratio["masked"]), _cell(auto / density)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
