@@ -87,7 +87,7 @@ def test_matches_masked_linear_with_gradients(wiring, batch, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gather_in_several_chunks(monkeypatch, bias):
-    monkeypatch.setattr(sparse_kernels, "GATHER_BYTES", 1)  # one slot per chunk
+    monkeypatch.setattr(sparse_kernels, "GATHER_BYTES", 1)  # one ensemble per chunk
     wiring = W.hypergraph([3, 4, 2], [2, 5], [([0, 2], 0), ([1], 1), ([0], 1), ([2], 1)])
     layer = SparseLinear(wiring, bias=bias, path="block-gather", dtype=F64)
     assert layer.geo["k"] == 3  # output 0 has 2 input ensembles + 1 dummy block
@@ -100,6 +100,22 @@ def test_gather_in_several_chunks(monkeypatch, bias):
     grads = torch.autograd.grad(y, params, gy)
     for got, want in zip(grads, torch.autograd.grad(y_ref, params, gy), strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_gather_with_an_unread_input_ensemble_and_unequal_fan_outs():
+    # input 1 feeds no output (zero gradient); inputs 0, 2, 3 are read 3, 2 and 1 times
+    wiring = W.hypergraph([2, 3, 2, 1], [2] * 3, [([0, 2], 0), ([0], 1), ([0, 2, 3], 2)])
+    layer = SparseLinear(wiring, path="block-gather", dtype=F64)
+    assert layer.fan_groups == ((1, 1), (1, 2), (1, 3))
+    x = torch.randn(4, 8, dtype=F64, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y_ref = F.linear(x, layer.dense_weight(), layer.bias)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=0)
+    (gx,) = torch.autograd.grad(y, [x], gy)
+    (gx_ref,) = torch.autograd.grad(y_ref, [x], gy)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-10, rtol=0)
+    assert (gx[:, 2:5] == 0).all() and (gx[:, :2] != 0).all()
 
 
 def test_dense_wiring_equals_nn_linear():
@@ -199,6 +215,9 @@ def test_path_rule():
     assert choose_path(W.modular(4096, 4096, 64, 5, "shuffle")) == "block-window"
     assert choose_path(W.modular(4096, 4096, 64, 5, "random")) == "block-gather"
     assert choose_path(W.modular(4096, 4096, 256, 127, "random")) == "masked-dense"
+    assert choose_path(W.modular(4096, 4096, 256, 63, "random")) == "block-gather"  # 16s, 0.25
+    assert choose_path(W.modular(4096, 4096, 64, 31, "random")) == "block-gather"  # 64s, 0.5
+    assert choose_path(W.modular(4096, 4096, 64, 47, "random")) == "masked-dense"  # 64s, 0.75
 
 
 SKIP_ONE = W.hypergraph([2] * 4, [2] * 4, [([j, (j + 2) % 4], j) for j in range(4)])

@@ -15,8 +15,10 @@ kernels in neuroplex.layers.sparse_kernels):
   window of ``x``: forward, grad-input and grad-weight are one ``bmm`` each, with no copy of
   ``x`` per connection.
 - ``block-gather``: any other block wiring. Output ensembles are padded to the largest fan-in
-  ``k`` with zero dummy blocks; the ``k`` input blocks of every output are gathered a few slots
-  at a time into one reused buffer (at most ``GATHER_BYTES``) and multiplied with ``baddbmm``.
+  ``k`` with zero dummy blocks. The kernel works on ``x^T``, where each block is one contiguous
+  chunk: the ``k`` input blocks of a few outputs at a time are chunk-copied into one reused
+  buffer (at most ``GATHER_BYTES``) and multiplied with one ``bmm`` reducing over ``k*s_in``;
+  the input gradient runs per group of input ensembles of equal fan-out (no padding).
 
 Both block paths store ``weight [g_out, k*s_in, s_out]``: rows ``t*s_in:(t+1)*s_in`` of
 ``weight[q]`` are the block from input ensemble ``block_in[q*k+t]`` to output ensemble
@@ -42,8 +44,8 @@ from neuroplex.layers.sparse_plan import (
     checked_path,
     choose_path,
     columns,
+    fan_groups,
     fan_in,
-    readers,
 )
 from neuroplex.wiring import Wiring, WiringError
 
@@ -123,9 +125,9 @@ class SparseLinear(nn.Module):
         self.register_buffer("pad_mask", pad_mask, persistent=False)
         if blocks.order is None:
             index("gather", np.maximum(blocks.block_in, 0).reshape(g_out, k))
-            reading = readers(blocks.block_in, g_in)  # -1: the zero block appended at g_out*k
-            index("readers", np.where(reading < 0, g_out * k, reading))
-            index("reader_out", np.where(reading < 0, 0, reading // k))
+            order, reading, self.fan_groups = fan_groups(blocks.block_in, g_in)
+            index("fan_order", order)
+            index("fan_readers", reading)
             return
         order, ext = blocks.order, np.arange(g_out + k - 1)
         q, u = np.arange(g_out)[:, None], np.arange(k)[None]  # readers of input position q
@@ -231,7 +233,8 @@ class SparseLinear(nn.Module):
             names = ("order", "position", "ext_in", "ext_out", "readers")
             kernel = WindowMatmul
         else:
-            names, kernel = ("gather", "readers", "reader_out"), GatherMatmul
+            names, kernel = ("gather", "fan_order", "fan_readers"), GatherMatmul
+            g = g | {"fan_groups": self.fan_groups}
         geo = g | {name: getattr(self, name) for name in names}
         y = kernel.apply(x, self._block_weight(), bias, geo)
         return y.index_select(1, self.out_cols) if self.padded else y  # [b, n_out]
@@ -264,5 +267,5 @@ class SparseLinear(nn.Module):
 # every buffer _build may register: a rebuild drops them all before registering its own
 _STRUCTURE = frozenset(
     ("fan_in", "mask", "block_in", "block_out", "in_cols", "out_cols", "pad_mask")
-    + ("gather", "readers", "reader_out", "order", "position", "ext_in", "ext_out")
+    + ("gather", "fan_order", "fan_readers", "order", "position", "ext_in", "ext_out", "readers")
 )

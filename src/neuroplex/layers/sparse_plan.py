@@ -1,11 +1,14 @@
 """Which path a :class:`~neuroplex.wiring.Wiring` runs on in SparseLinear, and the block
 structure the block paths need (see neuroplex.layers.sparse for the paths).
 
-Rule (``choose_path``), from the fwd+bwd benchmark (4096x4096, float32, batch 256 and 2048,
-2 threads, blocks of 16..128, densities 0.05..0.75, side by side with masked-dense): take the
-block path while its executed density (dummies and padding included) is at most
-``_density_limit``: block-window 0.5 (0.75 for blocks of 64+ units), block-gather
-``s / 256``; above that it ran slower than masked-dense, so take masked-dense.
+Rule (``choose_path``): take the block path while its executed density (dummies and padding
+included) is at most ``_density_limit``, else masked-dense. Block-window: 0.5 (0.75 for
+blocks of 64+ units), from the fwd+bwd benchmark (4096x4096, float32, batch 256 and 2048,
+2 threads, blocks of 16..128, densities 0.05..0.75, side by side with masked-dense).
+Block-gather: ``min(0.5, s / 64)``, from a quick 1-thread side-by-side of the transposed
+gather kernel (2048x2048, batch 256 and 2048, random patterns) where it beat masked-dense up
+to density 0.375 (blocks of 16), 0.5 (32) and 0.75 (64+) — a margin kept below each
+crossover until ``neuroplex bench sparse`` measures it at full size.
 
 Shape legend: ``g`` ensembles (blocks) per side, ``s`` block size, ``k`` input blocks per
 output block.
@@ -100,7 +103,7 @@ def _density_limit(path: str, s: int) -> float:
     masked-dense in the benchmark (module docstring)."""
     if path == "block-window":
         return 0.75 if s >= 64 else 0.5
-    return s / 256  # block-gather
+    return min(0.5, s / 64)  # block-gather
 
 
 def checked_path(wiring: Wiring, path: str) -> str:
@@ -121,13 +124,17 @@ def checked_path(wiring: Wiring, path: str) -> str:
     return path
 
 
-def readers(block_in: np.ndarray, g_in: int) -> np.ndarray:
-    """``[g_in, f]`` weight blocks reading each input ensemble, padded with ``-1``."""
+def fan_groups(block_in: np.ndarray, g_in: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Input ensembles grouped by fan-out (the weight blocks reading them; dummies ``-1``
+    excluded): ``(order, readers, groups)`` with ``order [fed]`` the read ensembles by group,
+    ``readers [sum of fan-outs]`` their reading blocks in that order and ``groups`` the
+    ``(count, fan-out)`` of each group."""
     lists = [np.flatnonzero(block_in == i) for i in range(g_in)]
-    out = np.full((g_in, max(1, *map(len, lists))), -1)
-    for i, ids in enumerate(lists):
-        out[i, : len(ids)] = ids
-    return out
+    fans = sorted({len(ids) for ids in lists} - {0})
+    order = [i for f in fans for i in range(g_in) if len(lists[i]) == f]
+    readers = np.concatenate([lists[i] for i in order]) if order else np.zeros(0, np.int64)
+    groups = tuple((sum(len(ids) == f for ids in lists), f) for f in fans)
+    return np.asarray(order, np.int64), readers, groups
 
 
 def columns(sizes: tuple[int, ...], block: int) -> np.ndarray:
