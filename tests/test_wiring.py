@@ -22,6 +22,16 @@ def test_wiring_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_every_public_name_imports_from_the_package():
+    from neuroplex.wiring import builders, core
+
+    for name in W.__all__:
+        home = builders if hasattr(builders, name) and name not in vars(core) else core
+        assert getattr(W, name) is getattr(home, name)
+    assert set(W.__all__) >= {"Wiring", "WiringError", "PATTERNS", "dense", "modular"}
+    assert {"random", "hypergraph", "hypergraph_from_file", "Edge"} <= set(W.__all__)
+
+
 def test_dense_connects_everything():
     w = W.dense(3, 5)
     assert (w.n_in, w.n_out, w.density, w.is_block) == (3, 5, 1.0, True)

@@ -1,18 +1,7 @@
-"""Wiring: which units of one layer connect, as plain data (numpy, networkx, json; no torch).
+"""The Wiring dataclass: validation, JSON, networkx export (numpy, networkx, json; no torch).
 
-Units are grouped into *ensembles* on the input side (``in_sizes``) and the output side
-(``out_sizes``). A block-structured wiring lists *edges* ``(inputs, output)``: every unit of
-every input ensemble in the set ``inputs`` connects to every unit of output ensemble
-``output``; a set with more than one member is a hyperedge. Two edges into the same output
-may share input ensembles: the layer executes the union of the (input, output) ensemble
-pairs, so overlapping hyperedges share one weight block.
-
-Unstructured unit-level sparsity (Erdős–Rényi, as in SET) is a wiring with a ``unit_mask``
-(bool ``[n_out, n_in]``) and no edges; its ensembles only group units for analysis.
-
-Builders: :func:`dense`, :func:`modular` (G2G patterns), :func:`random`, :func:`hypergraph`,
-:func:`hypergraph_from_file`. ``Wiring.save`` / ``Wiring.load`` write and read the same JSON
-format that ``hypergraph_from_file`` reads.
+See the package docstring (neuroplex.wiring) for the model; builders live in
+neuroplex.wiring.builders.
 """
 
 from __future__ import annotations
@@ -21,7 +10,7 @@ import base64
 import json
 import os
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +21,6 @@ from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_text
 
 Edge = tuple[tuple[int, ...], int]
-PATTERNS = ("ring", "random", "shuffle")
 _JSON_KEYS = frozenset(
     ("format", "version", "n_in", "n_out", "in_sizes", "out_sizes", "incidence", "unit_mask")
 )
@@ -44,7 +32,7 @@ class WiringError(NeuroplexError, ValueError):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Wiring:
-    """Connectivity of one layer (see the module docstring).
+    """Connectivity of one layer (see the neuroplex.wiring package docstring).
 
     Args:
         in_sizes: unit count of each input ensemble.
@@ -181,7 +169,7 @@ class Wiring:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise WiringError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}).") from e
-        return _from_dict(data, source)
+        return parse_dict(data, source)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_json` to ``path`` atomically."""
@@ -190,7 +178,7 @@ class Wiring:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Wiring:
         """Read a wiring written by :meth:`save`."""
-        return cls.from_json(_read(path), source=f"wiring file {path}")
+        return cls.from_json(read_text(path), source=f"wiring file {path}")
 
     # ---- value semantics -----------------------------------------------------------------
     def _key(self) -> tuple:
@@ -211,112 +199,15 @@ class Wiring:
         )
 
 
-# ---- builders ----------------------------------------------------------------------------
-def dense(n_in: int, n_out: int) -> Wiring:
-    """Every input unit connects to every output unit (one ensemble per side)."""
-    _positive(n_in, "n_in"), _positive(n_out, "n_out")
-    return Wiring((n_in,), (n_out,), (((0,), 0),))
-
-
-def modular(
-    n_in: int, n_out: int, ensembles: int, m: int, pattern: str = "ring", seed: int = 0
-) -> Wiring:
-    """G2G ensemble-to-ensemble wiring: ``ensembles`` ensembles on each side.
-
-    Output ensemble ``j`` is linked to its own input ensemble ``j`` plus ``m`` others, one
-    edge per link, so every output ensemble has exactly ``m + 1`` input ensembles:
-
-    - ``"ring"``: the next ``m`` ensembles, ``j+1 .. j+m`` (mod ``ensembles``);
-    - ``"random"``: ``m`` others drawn without replacement (seeded);
-    - ``"shuffle"``: the ring on a seeded random cyclic order of the ensembles: with a
-      permutation ``p``, ``j`` is linked to ``p⁻¹[(p[j] + d) mod ensembles]`` for
-      ``d = 1..m``, so every input ensemble also feeds exactly ``m + 1`` output ensembles.
-
-    When a width is not divisible by ``ensembles`` the first ``width % ensembles``
-    ensembles of that side get one unit more than the rest.
-    """
-    _positive(n_in, "n_in"), _positive(n_out, "n_out"), _positive(ensembles, "ensembles")
-    for name, width in (("n_in", n_in), ("n_out", n_out)):
-        if ensembles > width:
-            raise WiringError(
-                f"ensembles = {ensembles} exceeds {name} = {width}; "
-                "use at most one ensemble per unit."
-            )
-    if not isinstance(m, Integral) or m < 0:
-        raise WiringError(f"m = {m!r} must be a non-negative integer (links beyond its own).")
-    if m >= ensembles:
-        raise WiringError(
-            f"m = {m} must be smaller than ensembles = {ensembles} "
-            "(each output ensemble links to its own input ensemble plus m others)."
-        )
-    if pattern not in PATTERNS:
-        raise WiringError(f"pattern {pattern!r} is unknown; use 'ring', 'random' or 'shuffle'.")
-    g, rng = int(ensembles), np.random.default_rng(seed)
-    if pattern == "ring":
-        others = [[(j + d) % g for d in range(1, m + 1)] for j in range(g)]
-    elif pattern == "random":
-        others = [rng.choice([i for i in range(g) if i != j], m, replace=False) for j in range(g)]
-    else:
-        perm = rng.permutation(g)
-        inverse = np.argsort(perm)
-        others = [inverse[(perm[j] + np.arange(1, m + 1)) % g] for j in range(g)]
-    edges = tuple(((int(i),), j) for j in range(g) for i in sorted({j, *map(int, others[j])}))
-    return Wiring(_split(n_in, g), _split(n_out, g), edges)
-
-
-def random(n_in: int, n_out: int, epsilon: float, seed: int = 0) -> Wiring:
-    """Erdős–Rényi unit-level mask with SET's density ``ε (n_in + n_out) / (n_in n_out)``.
-
-    Each connection exists independently with that probability (capped at 1).
-    """
-    _positive(n_in, "n_in"), _positive(n_out, "n_out")
-    if not isinstance(epsilon, Real) or not epsilon > 0:
-        raise WiringError(
-            f"epsilon = {epsilon!r} must be positive "
-            "(SET density is epsilon * (n_in + n_out) / (n_in * n_out))."
-        )
-    p = min(1.0, float(epsilon) * (n_in + n_out) / (n_in * n_out))
-    mask = np.random.default_rng(seed).random((n_out, n_in)) < p
-    return Wiring((n_in,), (n_out,), unit_mask=mask)
-
-
-def hypergraph(
-    in_sizes: list[int] | tuple[int, ...],
-    out_sizes: list[int] | tuple[int, ...],
-    incidence: list,
-    *,
-    n_in: int | None = None,
-    n_out: int | None = None,
-) -> Wiring:
-    """Wiring from an incidence list ``[(input ensembles, output ensemble), ...]``.
-
-    ``n_in`` / ``n_out``, when given, must equal the sums of the sizes.
-    """
-    return _check_widths(Wiring(in_sizes, out_sizes, _incidence(incidence)), n_in, n_out)
-
-
-def hypergraph_from_file(path: str | os.PathLike) -> Wiring:
-    """Read a JSON file with keys ``in_sizes``, ``out_sizes``, ``incidence``
-    (optionally ``n_in``, ``n_out``)."""
-    source = f"hypergraph file {path}"
-    try:
-        data = json.loads(_read(path))
-    except json.JSONDecodeError as e:
-        raise WiringError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}).") from e
-    if isinstance(data, dict) and "incidence" not in data:
-        raise WiringError(f"{source} has no 'incidence' key; add the list of hyperedges.")
-    return _from_dict(data, source)
-
-
 # ---- parsing and validation --------------------------------------------------------------
-def _read(path: str | os.PathLike) -> str:
+def read_text(path: str | os.PathLike) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise WiringError(f"cannot read wiring file {path}: {e.strerror or e}.") from e
 
 
-def _from_dict(data: Any, source: str) -> Wiring:
+def parse_dict(data: Any, source: str) -> Wiring:
     if not isinstance(data, dict):
         raise WiringError(f"{source} must hold a JSON object with in_sizes, out_sizes, ...")
     unknown = sorted(set(data) - _JSON_KEYS)
@@ -335,13 +226,13 @@ def _from_dict(data: Any, source: str) -> Wiring:
             mask = _unpack(data["unit_mask"])
             wiring = Wiring(data["in_sizes"], data["out_sizes"], (), mask)
         else:
-            wiring = Wiring(data["in_sizes"], data["out_sizes"], _incidence(data["incidence"]))
-        return _check_widths(wiring, data.get("n_in"), data.get("n_out"))
+            wiring = Wiring(data["in_sizes"], data["out_sizes"], parse_incidence(data["incidence"]))
+        return check_widths(wiring, data.get("n_in"), data.get("n_out"))
     except WiringError as e:
         raise WiringError(f"{source}: {e}") from e
 
 
-def _check_widths(wiring: Wiring, n_in: int | None, n_out: int | None) -> Wiring:
+def check_widths(wiring: Wiring, n_in: int | None, n_out: int | None) -> Wiring:
     for name, width, side in (("n_in", n_in, "in_sizes"), ("n_out", n_out, "out_sizes")):
         total = getattr(wiring, name)
         if width is not None and width != total:
@@ -366,7 +257,7 @@ def _unpack(blob: Any) -> np.ndarray:
         ) from e
 
 
-def _incidence(incidence: Any) -> tuple[Edge, ...]:
+def parse_incidence(incidence: Any) -> tuple[Edge, ...]:
     if not isinstance(incidence, list | tuple):
         raise WiringError("incidence must be a list of [input ensembles, output ensemble] pairs.")
     edges = []
@@ -440,14 +331,3 @@ def _mask(mask: Any, n_out: int, n_in: int) -> np.ndarray:
     mask = mask.astype(bool)  # a copy: the wiring owns its mask
     mask.flags.writeable = False
     return mask
-
-
-def _positive(value: Any, name: str) -> None:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value <= 0:
-        raise WiringError(f"{name} = {value!r} must be a positive integer.")
-
-
-def _split(width: int, parts: int) -> tuple[int, ...]:
-    """``parts`` sizes summing to ``width``; the first ``width % parts`` get one extra."""
-    base, extra = divmod(int(width), int(parts))
-    return tuple(base + (k < extra) for k in range(parts))
