@@ -2,9 +2,10 @@
 
     python scripts/update_readme.py
 
-The config reference comes from the pydantic models (``neuroplex.config.reference_markdown``);
-the results table from ``docs/results.md`` (written by ``scripts/measure_results.py``).
-A test checks that the README's config reference is current.
+The config reference comes from the pydantic models
+(``neuroplex.config_reference.reference_markdown``); the results table from ``docs/results.md``
+(written by ``scripts/measure_results.py``). A test checks that the README's config reference
+is current.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from neuroplex.config import reference_markdown
+from neuroplex.config_reference import reference_markdown
 from neuroplex.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuroplex.config import Config, apply_override, load_config, reference_markdown, to_yaml
+from neuroplex.config import Config, apply_override, load_config, to_yaml
 from neuroplex.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,11 +124,3 @@ def test_resolved_yaml_shows_every_default():
     shown = yaml.safe_load(to_yaml(load_config(None)))
     assert set(shown["train"]) == set(Config().train.model_dump())
     assert shown["model"]["stages"][0]["kind"] == "dense"
-
-
-def test_readme_config_reference_is_current():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    marker = "<!-- config-reference:start -->\n"
-    start = readme.index(marker) + len(marker)
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end] == reference_markdown(), "run: python scripts/update_readme.py"

@@ -410,18 +410,18 @@ def _clean_loc(
             continue
         parent = model
         if model is not None and part in model.model_fields:
-            model = _model_in(model.model_fields[part].annotation)
+            model = model_in(model.model_fields[part].annotation)
         else:
             model = None
     return path, parent
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside ``annotation`` (Config, list[Config], Config | None)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None
@@ -447,50 +447,3 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
 def to_yaml(config: Config) -> str:
     """The fully resolved config as YAML (every option, defaults included)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def reference_markdown() -> str:
-    """Markdown table of every config key, its default and its meaning (for the README)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += _reference_rows("", Config)
-    for model in STAGE_CONFIGS.values():
-        rows += _reference_rows("model.stages.N.", model)
-    return "\n".join(rows) + "\n"
-
-
-def _reference_rows(prefix: str, model: type[BaseModel]) -> list[str]:
-    rows, sections = [], []
-    for name, field in model.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):
-            sections.append((f"{prefix}{name}.", type(default)))  # listed after this section
-            continue
-        optional = _model_in(field.annotation)
-        if default is None and optional is not None:  # an optional section, off by default
-            sections.append((f"{prefix}{name}.", optional))
-        shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=1000).strip()
-        shown = shown.removesuffix("...").strip()
-        meaning = (field.description or "").replace("|", "\\|")
-        literal = _literal_values(field.annotation)
-        if literal and literal not in meaning:
-            meaning = f"{meaning} ({literal})" if meaning else literal
-        rows.append(f"| `{prefix}{name}` | `{shown}` | {meaning} |")
-    for sub_prefix, sub_model in sections:
-        rows += _reference_rows(sub_prefix, sub_model)
-    return rows
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
-        return f"{len(value)} x {value[0].kind}"
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _literal_values(annotation: Any) -> str:
-    if getattr(annotation, "__origin__", None) is Literal:
-        return " / ".join(str(a) for a in annotation.__args__)
-    return ""
