@@ -31,8 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuroplex.bench import machine
-from neuroplex.files import atomic_write_json, atomic_write_text
+from neuroplex.bench import machine, metric_sections, write
 from neuroplex.layers.moe import MoE
 
 PEERS = {"mixture-of-experts": "mixture_of_experts", "st-moe-pytorch": "st_moe_pytorch"}
@@ -228,14 +227,8 @@ def run(
                 result["rows"] += measure_size(d, h, e, k, t, repeats, warmup, max_gib)
                 echo(f"experts={e} k={k} tokens={t} done")
                 if out is not None:
-                    write(result, out)
+                    write(result, out, table)
     return result
-
-
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, result)
-    atomic_write_text(out.with_suffix(".md"), table(result))
 
 
 def table(result: dict[str, Any]) -> str:
@@ -246,10 +239,7 @@ def table(result: dict[str, Any]) -> str:
         "ms; `vs dense` = dense FFN time ÷ ours (≥ 1: as fast as the dense FFN); the peers as "
         "their time ÷ ours (> 1: slower than ours)."
     )
-    parts = [head]
-    for metric, title in (("fwd_bwd", "Forward + backward"), ("fwd", "Forward (no_grad)")):
-        parts += ["", f"**{title}**", "", metric_table(result, metric)]
-    return "\n".join(parts)
+    return metric_sections(head, lambda metric: metric_table(result, metric))
 
 
 def metric_table(result: dict[str, Any], metric: str) -> str:

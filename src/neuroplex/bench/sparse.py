@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuroplex import wiring as W
-from neuroplex.bench import machine
+from neuroplex.bench import machine, metric_sections, write
 from neuroplex.errors import ConfigError
-from neuroplex.files import atomic_write_json, atomic_write_text
 from neuroplex.layers.sparse import SparseLinear
 from neuroplex.layers.sparse_plan import block_plan
 
@@ -249,14 +248,8 @@ def run(
         result["rows"] += measure_size(width, b, pattern, s, density, opts)
         echo(f"batch={b} pattern={pattern} block={s} density={density} done")
         if out is not None:
-            write(result, out)
+            write(result, out, table)
     return result
-
-
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, result)
-    atomic_write_text(out.with_suffix(".md"), table(result))
 
 
 def table(result: dict[str, Any]) -> str:
@@ -271,10 +264,7 @@ def table(result: dict[str, Any]) -> str:
         "(window: not a cyclic-window wiring; CSR: batch above --csr-max-batch). Forward + "
         "backward includes the input gradient."
     )
-    parts = [head]
-    for metric, title in (("fwd_bwd", "Forward + backward"), ("fwd", "Forward (no_grad)")):
-        parts += ["", f"**{title}**", "", metric_table(result["rows"], metric)]
-    return "\n".join(parts)
+    return metric_sections(head, lambda metric: metric_table(result["rows"], metric))
 
 
 _COLUMNS = (("auto", "auto"), ("block-window", "window"), ("block-gather", "gather"))

@@ -88,6 +88,7 @@ class SparseLinear(nn.Module):
         for name in [n for n in self._buffers if n in _STRUCTURE]:
             delattr(self, name)
         self.wiring, self.path, self.blocks = wiring, path, None
+        self.fan_groups: tuple[tuple[int, int], ...] = ()  # block-gather only
         device, dtype = self.weight.device, self.weight.dtype
         fan = torch.as_tensor(fan_in(wiring), dtype=dtype).to(device)
         self.register_buffer("fan_in", fan, persistent=False)

@@ -166,7 +166,7 @@ def _grad_input(gt: Tensor, weight: Tensor, geo: dict) -> Tensor:
     ensemble ``i`` gets the sum over its readers ``r`` of ``grad_out(r) @ block(r)^T``."""
     k, g_in, g_out, s_in, s_out = (geo[n] for n in _DIMS)
     b = gt.shape[1]
-    blocks = weight.view(g_out * k, s_in, s_out)
+    blocks = weight.reshape(g_out * k, s_in, s_out)
     src = gt.view(g_out, s_out * b)  # one row per output block
     fed = sum(count for count, _ in geo["fan_groups"])
     gxt = gt.new_empty(g_in, s_in, b) if fed == g_in else gt.new_zeros(g_in, s_in, b)
