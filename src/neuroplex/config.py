@@ -178,6 +178,12 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy smoothing")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    parallel: int = Field(
+        1,
+        ge=1,
+        description="local only: processes training the stages as a pipeline, one stage group "
+        "each (1 = sequential)",
+    )
     aux: AuxConfig = Field(default_factory=AuxConfig)
 
     @model_validator(mode="after")
@@ -192,11 +198,39 @@ class Config(StrictModel):
     name: str = Field("run", min_length=1, description="run name (prefix of the run dir)")
     seed: int = Field(0, description="the one seed: init, shuffling, dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads; null = torch default (1 per process when "
+        "train.parallel > 1)",
+    )
     output_dir: Path = Field(Path("runs"), description="parent of run directories")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _pipeline_needs_local_stages(self) -> Config:
+        n, stages = self.train.parallel, len(self.model.stages)
+        if n == 1:
+            return self
+        if self.train.method != "local":
+            raise ValueError(
+                f"train.parallel = {n}: needs train.method = 'local' (backprop sends gradients "
+                "back through every stage), or set train.parallel = 1"
+            )
+        if n > stages:
+            raise ValueError(
+                f"train.parallel = {n}: must be <= the number of stages ({stages}), "
+                "one stage group per process"
+            )
+        if self.train.aux.kind == "momentum":
+            raise ValueError(
+                f"train.aux.kind = 'momentum': not supported with train.parallel = {n} (its EMA "
+                "follows the next stage, which another process trains); use linear, mlp or "
+                "augmented"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
