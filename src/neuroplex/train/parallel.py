@@ -181,14 +181,15 @@ class Pipe:
     def receive(
         self, sizes: list[int], d: int, dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches ``(h [b, d], y [b])`` of the given sizes from the previous rank, in order;
-        batch t + 1 is received while the caller trains on batch t (double buffering)."""
-        pending = self._post(sizes[0], d, dtype, device) if sizes else None
+        """Batches ``(h [b, d], y [b])`` of the given sizes from the previous rank, in order.
+        Double buffering: batch t + 1 is being received while the caller trains on batch t (and
+        while this waits for batch t, so the sender never waits for this process to wake up)."""
+        posted: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
         for t in range(len(sizes)):
-            works, batch = pending
+            for u in range(t + len(posted), min(t + 2, len(sizes))):
+                posted.append(self._post(sizes[u], d, dtype, device))
+            works, batch = posted.popleft()
             self._wait(works, f"receiving from rank {self.rank - 1}")
-            if t + 1 < len(sizes):
-                pending = self._post(sizes[t + 1], d, dtype, device)
             yield batch
 
     def _post(

@@ -24,16 +24,19 @@ Shape legend: ``b`` batch, ``d`` features.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cache
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -95,10 +98,24 @@ def train_pipeline(
         shown = type(progress) if progress is not None else NullProgress
         job = Job(cfg, run_dir, resume, stop_after_epoch, shown, f"file://{tmp}/store")
         try:
-            mp.spawn(_worker, args=(job, errors), nprocs=n, join=True)
+            with quiet_spawn():
+                mp.spawn(_worker, args=(job, errors), nprocs=n, join=True)
         except mp.ProcessExitedException as e:
             raise worker_failure(e, errors, run_dir) from None
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+@contextmanager
+def quiet_spawn() -> Iterator[None]:
+    """Silence torch's warning that it is terminating the other workers after one failed: the
+    error reported is the one line the user needs."""
+    logger = logging.getLogger("torch.multiprocessing.spawn")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def worker_failure(e: mp.ProcessExitedException, errors: Any, run_dir: Path) -> NeuroplexError:
@@ -141,6 +158,9 @@ def run_worker(rank: int, job: Job) -> dict[str, Any]:
     # Built before the process group exists, so Local does not wrap its stages in DDP: the
     # pipeline's stages are not data parallel.
     s = build_setup(cfg, world)
+    # The same initialisation everywhere, then a stream of random numbers (dropout, router noise)
+    # per process, so no two stage groups draw the same masks.
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     join_process_group(rank, world.size, rank, job.init_method)
     try:
         groups = split_stages(stage_costs(s.method), world.size)
