@@ -7,14 +7,15 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
 from neuroplex.config import load_config
-from neuroplex.errors import ConfigError
+from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import read_jsonl
 from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.loop import train
 from neuroplex.train.parallel import PipelineError
-from neuroplex.train.pipeline import EXIT_AT, split_stages
+from neuroplex.train.pipeline import EXIT_AT, split_stages, worker_failure
 
 STAGES = "[{kind: dense, width: 24}, {kind: dense, width: 16}, {kind: dense, width: 16}]"
 TIMING = {"samples_per_s", "wall_time"}
@@ -123,3 +124,34 @@ def test_a_dead_worker_ends_the_run_and_the_checkpoint_resumes(
     monkeypatch.delenv(EXIT_AT)
     assert train(cfg, run_dir, resume=True)["status"] == "completed"
     assert_same_run(run_dir, sequential)
+
+
+class Reports:
+    """The parent's error queue, as filled by the workers."""
+
+    def __init__(self, *items):
+        self.items = list(items)
+
+    def empty(self):
+        return not self.items
+
+    def get(self):
+        return self.items.pop(0)
+
+
+def test_the_reported_error_is_the_root_cause_not_the_lost_peer(tmp_path):
+    died = ProcessExitedException("", error_index=0, error_pid=1, exit_code=1)
+    lost = PipelineError("pipeline rank 0: sending to rank 1 failed: Connection closed by peer")
+    diverged = TrainingDiverged("loss became nan at step 3 (epoch 1)")
+    assert worker_failure(died, Reports((0, lost), (1, diverged)), tmp_path) is diverged
+    only_lost = worker_failure(died, Reports((0, lost)), tmp_path)
+    assert str(only_lost) == str(lost)  # no checkpoint yet: no resume hint
+    silent = ProcessExitedException(
+        "", error_index=1, error_pid=2, exit_code=-9, signal_name="SIGKILL"
+    )
+    assert (
+        str(worker_failure(silent, Reports(), tmp_path)) == "pipeline rank 1 died (signal SIGKILL)"
+    )
+    bug = ProcessRaisedException("Traceback ...\n  ...\nIndexError: list index out of range", 1, 2)
+    message = str(worker_failure(bug, Reports(), tmp_path))
+    assert message == "pipeline rank 1 failed: IndexError: list index out of range"

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
 
 from neuroplex.config import Config
 from neuroplex.errors import ConfigError, NeuroplexError
@@ -100,8 +101,8 @@ def train_pipeline(
         try:
             with quiet_spawn():
                 mp.spawn(_worker, args=(job, errors), nprocs=n, join=True)
-        except mp.ProcessExitedException as e:
-            raise worker_failure(e, errors, run_dir) from None
+        except ProcessException as e:  # the others were terminated: no hang
+            raise worker_failure(e, errors, run_dir) from e
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
@@ -118,9 +119,10 @@ def quiet_spawn() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def worker_failure(e: mp.ProcessExitedException, errors: Any, run_dir: Path) -> NeuroplexError:
+def worker_failure(e: ProcessException, errors: Any, run_dir: Path) -> NeuroplexError:
     """The error to report when a worker ended the run: the root cause a worker reported (a lost
-    peer is only a consequence), else the death of the rank that reported nothing."""
+    peer is only a consequence), else what happened to the first rank that failed (``--debug``
+    shows its traceback)."""
     reported: dict[int, NeuroplexError] = {}
     while not errors.empty():
         rank, error = errors.get()
@@ -130,6 +132,9 @@ def worker_failure(e: mp.ProcessExitedException, errors: Any, run_dir: Path) -> 
         return causes[0]
     if e.error_index in reported:
         what = str(reported[e.error_index])
+    elif isinstance(e, ProcessRaisedException):
+        last = e.msg.strip().splitlines()[-1] if e.msg.strip() else "unknown error"
+        what = f"pipeline rank {e.error_index} failed: {last}"
     else:
         how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
         what = f"pipeline rank {e.error_index} died ({how})"
