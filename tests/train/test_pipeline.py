@@ -17,7 +17,11 @@ from neuroplex.train.loop import train
 from neuroplex.train.parallel import PipelineError
 from neuroplex.train.pipeline import EXIT_AT, split_stages, worker_failure
 
-STAGES = "[{kind: dense, width: 24}, {kind: dense, width: 16}, {kind: dense, width: 16}]"
+# Dropout in stage 0 only, which rank 0 trains with the run's own random stream: the masks are
+# the sequential run's, and resume must restore the stream exactly.
+STAGES = (
+    "[{kind: dense, width: 24, dropout: 0.2}, {kind: dense, width: 16}, {kind: dense, width: 16}]"
+)
 TIMING = {"samples_per_s", "wall_time"}
 
 
@@ -71,6 +75,13 @@ def assert_same_run(run_dir, reference):
         assert row.keys() == ref.keys()
         for key in row.keys() - TIMING:
             assert row[key] == pytest.approx(ref[key], rel=1e-5), key
+
+
+def test_the_tiny_model_splits_after_stage_0(data_file):
+    from neuroplex.train.pipeline import stage_costs
+    from neuroplex.train.setup import build_setup
+
+    assert split_stages(stage_costs(build_setup(tiny(data_file)).method), 2)[0] == range(0, 1)
 
 
 def test_groups_are_contiguous_and_minimise_the_largest_cost():

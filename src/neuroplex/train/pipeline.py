@@ -163,9 +163,11 @@ def run_worker(rank: int, job: Job) -> dict[str, Any]:
     # Built before the process group exists, so Local does not wrap its stages in DDP: the
     # pipeline's stages are not data parallel.
     s = build_setup(cfg, world)
-    # The same initialisation everywhere, then a stream of random numbers (dropout, router noise)
-    # per process, so no two stage groups draw the same masks.
-    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
+    # The same initialisation everywhere; then rank 0 goes on with the run's own random stream
+    # (dropout, router noise), as the sequential run's first stages do, and every other process
+    # gets a stream of its own, so no two stage groups draw the same masks.
+    if rank > 0:
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     join_process_group(rank, world.size, rank, job.init_method)
     try:
         groups = split_stages(stage_costs(s.method), world.size)
