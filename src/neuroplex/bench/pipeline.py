@@ -10,7 +10,9 @@ each in its own process:
 
 Throughput is the median over epochs (the first left out: warm-up) of the training samples/s the
 loop logs, evaluation excluded. Reported: the pipeline's speedup over the sequential run with N
-threads, and its scaling efficiency against N x the one-thread sequential throughput.
+threads, and its scaling efficiency against N x the one-thread sequential throughput; beside
+them, how the stages were split and the speedup over one thread a perfectly overlapped pipeline
+would reach with that split (total cost / largest group's cost).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from neuroplex.bench.local import base_overrides, machine, run_one
+from neuroplex.config import load_config
 from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.train.pipeline import split_stages, stage_costs
+from neuroplex.train.setup import build_setup
 
 Runner = Callable[[list[str], Path], Any]
+Planner = Callable[[list[str]], dict[str, Any]]
 
 
 def runs(n: int) -> dict[str, list[str]]:
@@ -33,6 +39,20 @@ def runs(n: int) -> dict[str, list[str]]:
         f"sequential, {n} threads": [f"threads={n}"],
         "sequential, 1 thread": ["threads=1"],
         f"pipeline, {n} processes x 1 thread": [f"train.parallel={n}", "threads=1"],
+    }
+
+
+def stage_plan(overrides: list[str]) -> dict[str, Any]:
+    """The pipeline run's stage groups (first and last stage), each group's share of the cost,
+    and the ideal speedup over one thread (1 / the largest share)."""
+    cfg = load_config(None, overrides)
+    costs = stage_costs(build_setup(cfg).method)
+    groups = split_stages(costs, cfg.train.parallel)
+    shares = [sum(costs[i] for i in group) / sum(costs) for group in groups]
+    return {
+        "groups": [[group.start, group.stop - 1] for group in groups],
+        "cost_share": shares,
+        "ideal_speedup_vs_1_thread": 1 / max(shares),
     }
 
 
@@ -50,6 +70,7 @@ def run(
     n: int,
     out: Path,
     runner: Runner = run_one,
+    planner: Planner = stage_plan,
 ) -> dict[str, Any]:
     """Train the three runs one after another; write the JSON and a markdown table beside it."""
     shared = [
@@ -65,6 +86,7 @@ def run(
         "steps": steps,
         "processes": n,
         "samples_per_s": {},
+        "plan": planner([*shared, *list(runs(n).values())[-1]]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
@@ -85,6 +107,9 @@ def table(result: dict[str, Any]) -> str:
     n = result["processes"]
     rates = result["samples_per_s"]
     reference = rates[f"sequential, {n} threads"]
+    plan = result["plan"]
+    groups = " | ".join(f"{a}–{b}" if a != b else f"{a}" for a, b in plan["groups"])
+    shares = " | ".join(f"{100 * share:.0f}%" for share in plan["cost_share"])
     lines = [
         f"MNIST-1D, local learning, {result['stages']} dense stages of width {result['width']}, "
         f"batch {result['batch']}, {result['steps']} steps ({result['machine']}).",
@@ -96,5 +121,8 @@ def table(result: dict[str, Any]) -> str:
         f"Pipeline speedup over the sequential run with {n} threads: {result['speedup']:.2f}×; "
         f"scaling efficiency against {n} × the one-thread sequential throughput: "
         f"{100 * result['scaling_efficiency']:.0f}%.",
+        "",
+        f"Stage groups {groups} ({shares} of the parameter cost): a perfectly overlapped pipeline "
+        f"would reach {plan['ideal_speedup_vs_1_thread']:.2f}× one thread.",
     ]
     return "\n".join(lines) + "\n"
