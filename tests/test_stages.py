@@ -73,6 +73,21 @@ def test_bad_stage_configs_name_the_field(override, words):
         load_config(None, [override])
 
 
+def test_a_width_that_clashes_with_the_previous_stage_names_the_stage():
+    cfg = load_config(
+        None, ["model.stages=[{kind: dense, width: 16}, {kind: moe, width: 32, residual: true}]"]
+    )
+    with pytest.raises(ConfigError, match=r"model\.stages\.1 \(input width 16\): residual needs"):
+        build_network(cfg.model, n_features=12, n_classes=3)
+
+
+def test_residual_moe_stage_adds_its_input_before_the_norm():
+    cfg = load_config(None, ["model.stages=[{kind: moe, width: 12, residual: true, norm: none}]"])
+    stage = build_network(cfg.model, n_features=12, n_classes=3).stages[0].eval()
+    x = torch.randn(5, 12)
+    assert torch.allclose(stage(x).x, x + stage.moe(x).x)
+
+
 def test_the_loop_anneals_dense_to_sparse_routers(tmp_path):
     from neuroplex.train.runs import load_run
 

@@ -433,6 +433,26 @@ def bench_moe(
     print(table(result))
 
 
+@bench_app.command("pipeline")
+@user_errors
+def bench_pipeline(
+    stages: Annotated[int, typer.Option(min=2)] = 4,
+    width: Annotated[int, typer.Option(min=1)] = 512,
+    batch: Annotated[int, typer.Option(min=1)] = 256,
+    steps: Annotated[int, typer.Option(min=1)] = 300,
+    processes: Annotated[int, typer.Option(min=2, help="train.parallel of the pipeline")] = 2,
+    out: Annotated[
+        Path, typer.Option(help="JSON output (a .md table is written beside it)")
+    ] = Path("docs/bench/pipeline.json"),
+) -> None:
+    """Local learning throughput: pipelined stage groups (one thread per process) vs sequential."""
+    from neuroplex.bench.pipeline import run, table
+
+    if processes > stages:
+        raise NeuroplexError(f"--processes {processes}: must be <= --stages ({stages})")
+    print(table(run(stages, width, batch, steps, processes, out)))
+
+
 @bench_app.command("sparse")
 @user_errors
 def bench_sparse(

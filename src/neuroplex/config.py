@@ -91,6 +91,9 @@ class MoEStageConfig(StrictModel):
     norm: Literal["layernorm", "batchnorm", "none"] = Field("layernorm", description="after mixing")
     activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="in experts")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the norm")
+    residual: bool = Field(
+        False, description="norm(x + moe(x)), a residual block; needs width = the input width"
+    )
 
     @model_validator(mode="after")
     def _k_at_most_experts(self) -> MoEStageConfig:
@@ -207,6 +210,12 @@ class TrainConfig(StrictModel):
         description="keep the model weights after these epochs (0 = the initial weights) in "
         "rewind/, for neuroplex prune --rewind-epoch",
     )
+    parallel: int = Field(
+        1,
+        ge=1,
+        description="local only: processes training the stages as a pipeline, one stage group "
+        "each (1 = sequential)",
+    )
     aux: AuxConfig = Field(default_factory=AuxConfig)
     plasticity: PlasticityConfig | None = Field(
         None, description="rewiring of the sparse layers during training; null = off"
@@ -233,7 +242,12 @@ class Config(StrictModel):
     name: str = Field("run", min_length=1, description="run name (prefix of the run dir)")
     seed: int = Field(0, description="the one seed: init, shuffling, dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads; null = torch default (1 per process when "
+        "train.parallel > 1)",
+    )
     output_dir: Path = Field(Path("runs"), description="parent of run directories")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -255,6 +269,34 @@ class Config(StrictModel):
             raise ValueError(
                 f"train.plasticity.kind = {plasticity.kind!r}: needs ensemble (block) wirings, "
                 f"but model.stages.{unit[0]} has wiring: random; use kind set or rigl"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_needs_local_stages(self) -> Config:
+        n, stages = self.train.parallel, len(self.model.stages)
+        if n == 1:
+            return self
+        if self.train.method != "local":
+            raise ValueError(
+                f"train.parallel = {n}: needs train.method = 'local' (backprop sends gradients "
+                "back through every stage), or set train.parallel = 1"
+            )
+        if n > stages:
+            raise ValueError(
+                f"train.parallel = {n}: must be <= the number of stages ({stages}), "
+                "one stage group per process"
+            )
+        if self.train.aux.kind == "momentum":
+            raise ValueError(
+                f"train.aux.kind = 'momentum': not supported with train.parallel = {n} (its EMA "
+                "follows the next stage, which another process trains); use linear, mlp or "
+                "augmented"
+            )
+        if self.train.plasticity is not None:
+            raise ValueError(
+                f"train.plasticity: not supported with train.parallel = {n} (rewiring runs in "
+                "one process); set train.parallel = 1 or train.plasticity: null"
             )
         return self
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from neuroplex import wiring
 from neuroplex.config import DenseStageConfig, ModelConfig, MoEStageConfig, SparseStageConfig
+from neuroplex.errors import ConfigError
 from neuroplex.layers import DenseStage, StageOutput
 from neuroplex.layers.moe import MoE
 from neuroplex.layers.stages import GatedStage, SparseStage
@@ -131,7 +132,7 @@ def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
         z_loss_weight=cfg.z_loss_weight,
         act_layer=ACTIVATIONS[cfg.activation],
     )
-    return GatedStage(moe, NORMS[cfg.norm], dropout=cfg.dropout)
+    return GatedStage(moe, NORMS[cfg.norm], dropout=cfg.dropout, residual=cfg.residual)
 
 
 def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:
@@ -176,8 +177,11 @@ def build_network(cfg: ModelConfig, n_features: int, n_classes: int) -> Network:
     """Build stages in order (each sees the previous one's ``d_out``), then a linear head."""
     stages = []
     d = n_features
-    for stage_cfg in cfg.stages:
-        stage = STAGE_BUILDERS[stage_cfg.kind](stage_cfg, d)
+    for i, stage_cfg in enumerate(cfg.stages):
+        try:
+            stage = STAGE_BUILDERS[stage_cfg.kind](stage_cfg, d)
+        except ValueError as e:  # a size that only clashes with the previous stage's output
+            raise ConfigError(f"model.stages.{i} (input width {d}): {e}") from None
         stages.append(stage)
         d = stage.d_out
     return Network(stages, nn.Linear(d, n_classes))

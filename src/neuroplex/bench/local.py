@@ -120,6 +120,7 @@ def table(result: dict[str, Any]) -> str:
         epoch_s = statistics.mean(r["train_time_s"] / r["epochs"] for r in runs)
         lines.append(
             f"| {stages} | {method} | {statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
-            f"{act / 2**20:.2f} MiB | {'—' if ratio is None else f'{ratio:.2f}×'} | {rss:.0f} MiB | {epoch_s:.3f} s |"
+            f"{act / 2**20:.2f} MiB | {'—' if ratio is None else f'{ratio:.2f}×'} | "
+            f"{rss:.0f} MiB | {epoch_s:.3f} s |"
         )
     return "\n".join(lines) + "\n"

@@ -47,17 +47,32 @@ class SparseStage(nn.Sequential):
 
 
 class GatedStage(nn.Module):
-    """A mixture of experts, a norm, dropout. ``[b, d] -> StageOutput([b, h], aux, stats)``."""
+    """A mixture of experts, a norm, dropout: ``drop(norm(moe(x)))``, or with ``residual``
+    ``drop(norm(x + moe(x)))`` (the MoE as a residual feed-forward block; needs ``d == h``).
+
+    ``[b, d] -> StageOutput([b, h], aux, stats)``.
+    """
 
     def __init__(
-        self, moe: MoE, norm_layer: type[nn.Module] | None = nn.LayerNorm, dropout: float = 0.0
+        self,
+        moe: MoE,
+        norm_layer: type[nn.Module] | None = nn.LayerNorm,
+        dropout: float = 0.0,
+        residual: bool = False,
     ) -> None:
         super().__init__()
+        if residual and moe.d_in != moe.d_out:
+            raise ValueError(f"residual needs d_in == d_out, got {moe.d_in} and {moe.d_out}.")
         self.moe = moe
         self.d_out = moe.d_out
+        self.residual = residual
         self.norm = norm_layer(moe.d_out) if norm_layer is not None else nn.Identity()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> StageOutput:
         out = self.moe(x)
-        return StageOutput(self.drop(self.norm(out.x)), out.aux_loss, out.stats)
+        y = x + out.x if self.residual else out.x
+        return StageOutput(self.drop(self.norm(y)), out.aux_loss, out.stats)
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}"

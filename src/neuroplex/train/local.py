@@ -146,10 +146,24 @@ class Local:
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """Train each stage on ``x [b, d]``, ``y [b]`` in turn; return the head's loss."""
+        result, _ = self.train_stages(range(len(self.trainees)), x, y, lr)
+        for s, aux in enumerate(self.aux):
+            if isinstance(aux, MomentumAux):
+                aux.update(self.model.stages[s + 1])
+        return result
+
+    def train_stages(
+        self, stages: range, h: Tensor, y: Tensor, lr: float
+    ) -> tuple[StepResult, Tensor]:
+        """Train ``stages`` (consecutive) in turn on their input ``h [b, d_in]``, ``y [b]``.
+
+        Returns the last stage's loss and correct count (its aux net's, or the head's for the
+        network's last stage), every stage's statistics, and its detached output ``[b, d_out]``.
+        """
         self.aux.train(self.model.training)
         stats: dict[str, Tensor] = {}
-        h = x
-        for s, (trainee, opt) in enumerate(zip(self.trainees, self.optimizers, strict=True)):
+        for s in stages:
+            trainee, opt = self.trainees[s], self.optimizers[s]
             out, logits = trainee(h.detach())  # detach: the gradient-isolation boundary
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             set_lr(opt, lr)
@@ -162,11 +176,8 @@ class Local:
             stats[f"local.stage{s}_loss"] = loss.detach()
             stats.update({f"stage{s}.{k}": v.detach() for k, v in out.stats.items()})
             h = out.x.detach()
-        for s, aux in enumerate(self.aux):
-            if isinstance(aux, MomentumAux):
-                aux.update(self.model.stages[s + 1])
         correct = (logits.argmax(dim=1) == y).sum()
-        return StepResult(loss.detach(), correct, stats)
+        return StepResult(loss.detach(), correct, stats), h
 
     def modules(self) -> list[nn.Module]:
         return [self.model, self.aux]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ import torch
 from torch import Tensor
 
 from neuroplex.config import Config
-from neuroplex.errors import TrainingDiverged
+from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import append_jsonl
 from neuroplex.network import Network
 from neuroplex.train.evaluate import evaluate_splits
 from neuroplex.train.memory import ActivationMeter
 from neuroplex.train.optim import lr_at
-from neuroplex.train.parallel import close_world, init_world
+from neuroplex.train.parallel import World, close_world, init_world
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.rundir import (
     LoopState,
@@ -60,6 +61,15 @@ def train(
     lottery ticket, neuroplex.train.prune).
     """
     run_dir = Path(run_dir)
+    if cfg.train.parallel > 1:
+        from neuroplex.train.pipeline import train_pipeline  # it builds on this module
+
+        if prepare is not None:
+            raise ConfigError(
+                f"train.parallel = {cfg.train.parallel}: a prepared (e.g. pruned) model trains "
+                "in one process; set train.parallel = 1"
+            )
+        return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)
     world = init_world()
     try:
         s = build_setup(cfg, world, prepare)
@@ -71,9 +81,20 @@ def train(
         close_world(world)
 
 
+EpochFn = Callable[[Setup, LoopState, ActivationMeter, int, Path, NullProgress], dict[str, Any]]
+
+
 def run_epochs(
-    s: Setup, state: LoopState, run_dir: Path, stop_after_epoch: int | None, progress: NullProgress
+    s: Setup,
+    state: LoopState,
+    run_dir: Path,
+    stop_after_epoch: int | None,
+    progress: NullProgress,
+    epoch_fn: EpochFn | None = None,
 ) -> dict[str, Any]:
+    """Epochs of ``epoch_fn`` (default :func:`run_epoch`; the pipeline plugs in its own), with
+    metrics, checkpoints and the summary."""
+    epoch_fn = epoch_fn or run_epoch
     meter = ActivationMeter(p for m in s.method.modules() for p in m.parameters())
     meter.peak = state.activation_peak
     last_epoch = (
@@ -83,7 +104,7 @@ def run_epochs(
     try:
         for epoch in range(state.epoch, last_epoch):
             save_rewind_point(run_dir, s, epoch)  # if train.save_epochs lists it
-            record = run_epoch(s, state, meter, epoch, run_dir, progress)
+            record = epoch_fn(s, state, meter, epoch, run_dir, progress)
             if s.world.is_main:
                 append_jsonl(run_dir / "metrics.jsonl", record)
             progress.epoch_end(record)
@@ -98,6 +119,19 @@ def run_epochs(
     return write_summary(run_dir, s, state, status=status)
 
 
+@dataclass
+class EpochTotals:
+    """What one process adds up over an epoch (sums over its steps)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    lr: float = 0.0  # the last step's
+    seconds: float = 0.0
+    activation_peak: int = 0
+    stat_sums: dict[str, float] = field(default_factory=dict)
+
+
 def run_epoch(
     s: Setup,
     state: LoopState,
@@ -108,57 +142,93 @@ def run_epoch(
 ) -> dict[str, Any]:
     """Train one epoch, evaluate, update ``state``; return the metrics record."""
     s.model.train()
-    train_split = s.data.train
-    order = epoch_order(len(train_split), s.cfg.seed, epoch, s.device)
-    bs = s.cfg.train.batch_size
-    loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
-    stat_sums: dict[str, float] = {}
-    scheduled = [m for m in s.model.modules() if hasattr(m, "set_progress")]
+    totals = EpochTotals()
     t0 = time.perf_counter()
-    for start in range(0, len(order), bs):
-        if state.step >= s.total_steps:
-            break
-        idx = s.world.shard(order[start : start + bs])
-        x, y = train_split.x[idx], train_split.y[idx]
-        lr = lr_at(state.step, s.total_steps, s.cfg.train)
-        for module in scheduled:  # e.g. dense-to-sparse routers anneal with training progress
-            module.set_progress(state.step / max(s.total_steps - 1, 1))
-        with meter.track():
-            result = s.method.step(x, y, lr)
-        loss = float(result.loss)
-        if s.world.any(not math.isfinite(loss)):
-            raise TrainingDiverged(
-                f"loss became {loss} at step {state.step + 1} (epoch {epoch + 1}); the last good "
-                f"checkpoint is kept in {run_dir / 'checkpoints'}. Lower train.lr or set "
-                f"train.grad_clip."
-            )
-        state.step += 1
-        s.plasticity.after_step(state.step, run_dir)  # rewiring, every train.plasticity.every
-        loss_sum += loss * len(idx)
-        correct += int(result.correct)
-        seen += len(idx)
-        for key, value in flat_stats(result.stats).items():
-            stat_sums[key] = stat_sums.get(key, 0.0) + value
+    for idx in epoch_batches(s, epoch, state.step):
+        idx = s.world.shard(idx)
+        batch = s.data.train.x[idx], s.data.train.y[idx]
+        loss = train_batch(s, state, meter, batch, totals, run_dir)
         progress.advance(state.step, loss)
-    seconds = time.perf_counter() - t0
-    keys = sorted(stat_sums)
-    loss_sum, correct, seen, *stat_values = s.world.sum(
-        [loss_sum, correct, seen, *(stat_sums[k] for k in keys)]
+    totals.seconds = time.perf_counter() - t0
+    totals.activation_peak = meter.peak
+    totals = reduce_totals(s.world, totals)
+    return finish_epoch(s, state, epoch, totals, evaluate_splits(s.model, s.data))
+
+
+def epoch_batches(s: Setup, epoch: int, done_steps: int) -> list[Tensor]:
+    """The global batches (indices into the training split) of ``epoch`` still to train, given
+    ``done_steps`` optimizer steps done so far (the run ends at ``s.total_steps``)."""
+    order = epoch_order(len(s.data.train), s.cfg.seed, epoch, s.device)
+    bs = s.cfg.train.batch_size
+    starts = range(0, len(order), bs)[: max(0, s.total_steps - done_steps)]
+    return [order[start : start + bs] for start in starts]
+
+
+def train_batch(
+    s: Setup,
+    state: LoopState,
+    meter: ActivationMeter,
+    batch: tuple[Tensor, Tensor],
+    totals: EpochTotals,
+    run_dir: Path,
+) -> float:
+    """One step of the method on ``batch`` (``x [b, d]``, ``y [b]``) at the scheduled learning
+    rate; stop if the loss diverged on any rank; add it to ``totals``; return the loss."""
+    x, y = batch
+    totals.lr = lr_at(state.step, s.total_steps, s.cfg.train)
+    for module in s.model.modules():  # e.g. dense-to-sparse routers anneal with training progress
+        if hasattr(module, "set_progress"):
+            module.set_progress(state.step / max(s.total_steps - 1, 1))
+    with meter.track():
+        result = s.method.step(x, y, totals.lr)
+    loss = float(result.loss)
+    if s.world.any(not math.isfinite(loss)):
+        raise TrainingDiverged(
+            f"loss became {loss} at step {state.step + 1} (epoch "
+            f"{state.step // s.steps_per_epoch + 1}); the last good checkpoint is kept in "
+            f"{run_dir / 'checkpoints'}. Lower train.lr or set train.grad_clip."
+        )
+    state.step += 1
+    s.plasticity.after_step(state.step, run_dir)  # rewiring, every train.plasticity.every
+    totals.loss_sum += loss * len(y)
+    totals.correct += int(result.correct)
+    totals.seen += len(y)
+    for key, value in flat_stats(result.stats).items():
+        totals.stat_sums[key] = totals.stat_sums.get(key, 0.0) + value
+    return loss
+
+
+def reduce_totals(world: World, totals: EpochTotals) -> EpochTotals:
+    """Data parallel: sums over ranks (statistics averaged); the local seconds and peak kept."""
+    if world.size == 1:
+        return totals
+    keys = sorted(totals.stat_sums)
+    loss_sum, correct, seen, *values = world.sum(
+        [totals.loss_sum, totals.correct, totals.seen, *(totals.stat_sums[k] for k in keys)]
     )
-    stat_sums = {k: v / s.world.size for k, v in zip(keys, stat_values, strict=True)}
+    stats = {k: v / world.size for k, v in zip(keys, values, strict=True)}
+    return replace(totals, loss_sum=loss_sum, correct=correct, seen=int(seen), stat_sums=stats)
+
+
+def finish_epoch(
+    s: Setup, state: LoopState, epoch: int, totals: EpochTotals, evaluation: dict[str, float]
+) -> dict[str, Any]:
+    """Advance ``state`` past ``epoch``; the metrics record from the whole run's ``totals`` and
+    the ``evaluation`` of the model on the val/test splits."""
     state.epoch = epoch + 1
-    state.elapsed += seconds
-    state.activation_peak = max(state.activation_peak, meter.peak)
-    n_batches = max(1, math.ceil(seen / bs))
+    state.elapsed += totals.seconds
+    state.activation_peak = max(state.activation_peak, totals.activation_peak)
+    seen = max(totals.seen, 1)
+    n_batches = max(1, math.ceil(totals.seen / s.cfg.train.batch_size))
     record: dict[str, Any] = {
         "epoch": state.epoch,
         "step": state.step,
-        "lr": lr,
-        "train_loss": loss_sum / max(seen, 1),
-        "train_acc": correct / max(seen, 1),
-        **{k: v / n_batches for k, v in stat_sums.items()},
-        **evaluate_splits(s.model, s.data),
-        "samples_per_s": seen / max(seconds, 1e-9),
+        "lr": totals.lr,
+        "train_loss": totals.loss_sum / seen,
+        "train_acc": totals.correct / seen,
+        **{k: v / n_batches for k, v in totals.stat_sums.items()},
+        **evaluation,
+        "samples_per_s": totals.seen / max(totals.seconds, 1e-9),
         "wall_time": state.elapsed,
     }
     record["is_best"] = update_best(state, record)

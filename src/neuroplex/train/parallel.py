@@ -1,14 +1,22 @@
-"""Data parallelism across processes: ``torchrun --nproc-per-node N -m neuroplex train CONFIG``.
+"""Processes working together: data parallelism (``torchrun --nproc-per-node N -m neuroplex train
+CONFIG``) and the links of the stage pipeline (``train.parallel: N``, see train/pipeline.py).
 
-Every rank runs the same loop on its shard of each global batch; gradients are averaged by
-``DistributedDataParallel`` (one DDP wrapper per independently trained part: the whole network for
-backprop, each stage with its auxiliary network for local learning). Rank 0 alone writes the run
-directory. Distributed code lives here, never inside a layer or a method's arithmetic.
+Data parallel: every rank runs the same loop on its shard of each global batch; gradients are
+averaged by ``DistributedDataParallel`` (one DDP wrapper per independently trained part: the whole
+network for backprop, each stage with its auxiliary network for local learning). Rank 0 alone
+writes the run directory. Distributed code lives here, never inside a layer or a method's
+arithmetic.
+
+Shape legend: ``b`` batch, ``d`` features.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -70,14 +78,23 @@ def init_world() -> World:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        try:
-            dist.init_process_group(backend, rank=rank, world_size=size, timeout=TIMEOUT)
-        except (RuntimeError, ValueError) as e:
-            raise NeuroplexError(f"could not join the process group of {size} ranks: {e}") from e
+        join_process_group(rank, size, local_rank)
     return World(rank, size, local_rank)
+
+
+def join_process_group(
+    rank: int, size: int, local_rank: int, init_method: str | None = None
+) -> None:
+    """gloo on CPU, nccl on GPU; ``init_method`` None = torchrun's environment variables."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=size, timeout=TIMEOUT
+        )
+    except (RuntimeError, ValueError) as e:
+        raise NeuroplexError(f"could not join the process group of {size} ranks: {e}") from e
 
 
 def close_world(world: World) -> None:
@@ -94,3 +111,100 @@ def data_parallel(module: nn.Module) -> nn.Module:
     device = next(module.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage pipeline
+
+
+class PipelineError(NeuroplexError):
+    """A pipeline process lost a peer: it died, or sent nothing before the deadline."""
+
+
+class PipelineWorld(World):
+    """A pipeline process's place: rank 0 reads whole batches (no sharding) and a diverged loss
+    is checked where it happens (no collective per step, which would stall the pipeline)."""
+
+    def shard(self, idx: Tensor) -> Tensor:
+        return idx
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+
+@contextmanager
+def peer_guard(rank: int, what: str):
+    """Turn a communication failure (a peer died, or the deadline passed) into a PipelineError
+    naming this rank and what it was doing."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's source file and line
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+        raise PipelineError(f"pipeline rank {rank}: {what} failed: {first}") from None
+
+
+class Pipe:
+    """Links of pipeline process ``rank`` of ``size``: batches ``(h [b, d], y [b])`` come from
+    rank - 1 and go to rank + 1 asynchronously (irecv/isend), at most two in flight each way.
+    Every wait has a deadline (``timeout``), so a dead or stalled peer ends the run, never hangs it.
+    """
+
+    def __init__(self, rank: int, size: int, timeout: timedelta = TIMEOUT) -> None:
+        self.rank, self.size, self.timeout = rank, size, timeout
+        self._in_flight: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
+        self._sent = self._received = 0
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def send(self, h: Tensor, y: Tensor) -> None:
+        """Start sending a batch to the next rank; the tensors are kept alive until sent."""
+        if len(self._in_flight) == 2:
+            self._wait(self._in_flight.popleft()[0], f"sending to rank {self.rank + 1}")
+        tag = 2 * (self._sent % 2)  # alternate tags: the two batches in flight never mix
+        batch = (h.contiguous(), y.contiguous())
+        works = [dist.isend(t, self.rank + 1, tag=tag + i) for i, t in enumerate(batch)]
+        self._in_flight.append((works, batch))
+        self._sent += 1
+
+    def flush(self) -> None:
+        """Wait until every batch sent has been received."""
+        while self._in_flight:
+            self._wait(self._in_flight.popleft()[0], f"sending to rank {self.rank + 1}")
+
+    def receive(
+        self, sizes: list[int], d: int, dtype: torch.dtype, device: torch.device
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``(h [b, d], y [b])`` of the given sizes from the previous rank, in order.
+        Double buffering: batch t + 1 is being received while the caller trains on batch t (and
+        while this waits for batch t, so the sender never waits for this process to wake up)."""
+        posted: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
+        for t in range(len(sizes)):
+            for u in range(t + len(posted), min(t + 2, len(sizes))):
+                posted.append(self._post(sizes[u], d, dtype, device))
+            works, batch = posted.popleft()
+            self._wait(works, f"receiving from rank {self.rank - 1}")
+            yield batch
+
+    def _post(
+        self, b: int, d: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[list[dist.Work], tuple[Tensor, Tensor]]:
+        batch = (
+            torch.empty(b, d, dtype=dtype, device=device),
+            torch.empty(b, dtype=torch.long, device=device),
+        )
+        tag = 2 * (self._received % 2)
+        works = [dist.irecv(t, self.rank - 1, tag=tag + i) for i, t in enumerate(batch)]
+        self._received += 1
+        return works, batch
+
+    def _wait(self, works: list[dist.Work], what: str) -> None:
+        with peer_guard(self.rank, what):
+            for work in works:
+                work.wait(self.timeout)
