@@ -6,10 +6,8 @@ User errors (config, data, checkpoint, arguments) exit with code 2 and one line 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from neuroplex.cli.bench import bench_app
+from neuroplex.cli.common import DEBUG, user_errors
 from neuroplex.config import load_config, to_yaml
 from neuroplex.errors import ConfigError, NeuroplexError
 
@@ -30,10 +30,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configurations.")
 app.add_typer(config_app, name="config")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: side-by-side measurements.")
 app.add_typer(bench_app, name="bench")
-
-_debug = False
 out = Console(highlight=False)
 
 SetOption = Annotated[
@@ -42,28 +39,11 @@ SetOption = Annotated[
 ]
 
 
-def user_errors(fn):
-    """Turn NeuroplexError into one line on stderr and exit code 2 (unless --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except NeuroplexError as e:
-            if _debug:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False,
 ) -> None:
-    global _debug
-    _debug = debug
+    DEBUG.on = debug
 
 
 @app.command()
@@ -368,138 +348,6 @@ def prune(
         table.add_row(str(row["round"]), sparsity, str(row["weights"]), acc, row["run_dir"])
     out.print(table)
     print(f"table: {run_dir / 'prune' / 'prune.md'}")
-
-
-@bench_app.command("local")
-@user_errors
-def bench_local(
-    stages: Annotated[list[int], typer.Option(help="stage counts to compare")] = [4, 8],  # noqa: B006
-    seeds: Annotated[int, typer.Option(min=1)] = 3,
-    steps: Annotated[int, typer.Option(min=1)] = 8000,
-    width: Annotated[int, typer.Option(min=1)] = 256,
-    method: Annotated[
-        list[str] | None, typer.Option(help="methods to run (default: all); repeatable")
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="keep the runs already in --out")] = False,
-    out: Annotated[
-        Path, typer.Option(help="JSON output (a .md table is written beside it)")
-    ] = Path("docs/bench/local.json"),
-) -> None:
-    """Backprop vs local learning (each aux kind): accuracy, activation memory, RSS, time."""
-    from neuroplex.bench.local import METHODS, run, table
-
-    for name in method or []:
-        if name not in METHODS:
-            raise NeuroplexError(f"--method {name!r}: expected one of {', '.join(METHODS)}")
-    print(table(run(stages, seeds, steps, width, out, method, resume)))
-
-
-@bench_app.command("moe")
-@user_errors
-def bench_moe(
-    experts: Annotated[list[int], typer.Option(help="expert counts")] = [4, 8, 32],  # noqa: B006
-    k: Annotated[list[int], typer.Option(help="experts per token")] = [1, 2],  # noqa: B006
-    tokens: Annotated[list[int], typer.Option(help="tokens per call")] = [1024, 4096, 16384],  # noqa: B006
-    d: Annotated[int, typer.Option(min=1, help="model width")] = 256,
-    hidden: Annotated[int, typer.Option(min=1, help="expert hidden width")] = 1024,
-    repeats: Annotated[int, typer.Option(min=1, help="timed rounds (median)")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 2,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
-    max_dispatch_gib: Annotated[
-        float, typer.Option(min=0.0, help="skip a peer whose one-hot dispatch exceeds this")
-    ] = 2.0,
-    out: Annotated[
-        Path, typer.Option(help="JSON output (a .md table is written beside it)")
-    ] = Path("docs/bench/moe.json"),
-) -> None:
-    """Our MoE vs mixture-of-experts, st-moe-pytorch and the equal-active dense FFN."""
-    from neuroplex.bench.moe import run, table
-
-    for name, values in (("--experts", experts), ("--k", k), ("--tokens", tokens)):
-        if any(v < 1 for v in values):
-            raise NeuroplexError(f"{name} {values}: every value must be at least 1")
-    result = run(
-        experts,
-        k,
-        tokens,
-        d=d,
-        h=hidden,
-        repeats=repeats,
-        warmup=warmup,
-        threads=threads,
-        max_gib=max_dispatch_gib,
-        out=out,
-    )
-    print(table(result))
-
-
-@bench_app.command("pipeline")
-@user_errors
-def bench_pipeline(
-    stages: Annotated[int, typer.Option(min=2)] = 4,
-    width: Annotated[int, typer.Option(min=1)] = 512,
-    batch: Annotated[int, typer.Option(min=1)] = 256,
-    steps: Annotated[int, typer.Option(min=1)] = 300,
-    processes: Annotated[int, typer.Option(min=2, help="train.parallel of the pipeline")] = 2,
-    out: Annotated[
-        Path, typer.Option(help="JSON output (a .md table is written beside it)")
-    ] = Path("docs/bench/pipeline.json"),
-) -> None:
-    """Local learning throughput: pipelined stage groups (one thread per process) vs sequential."""
-    from neuroplex.bench.pipeline import run, table
-
-    if processes > stages:
-        raise NeuroplexError(f"--processes {processes}: must be <= --stages ({stages})")
-    print(table(run(stages, width, batch, steps, processes, out)))
-
-
-@bench_app.command("sparse")
-@user_errors
-def bench_sparse(
-    width: Annotated[int, typer.Option(min=1, help="layer width (square layer)")] = 4096,
-    batch: Annotated[list[int], typer.Option(help="batch sizes")] = [256, 2048],  # noqa: B006
-    density: Annotated[list[float], typer.Option(help="target densities")] = [  # noqa: B006
-        0.5,
-        0.25,
-        0.1,
-        0.05,
-    ],
-    block: Annotated[list[int], typer.Option(help="block sizes")] = [16, 32, 64, 128],  # noqa: B006
-    pattern: Annotated[list[str], typer.Option(help="modular wiring patterns")] = [  # noqa: B006
-        "ring",
-        "shuffle",
-        "random",
-    ],
-    repeats: Annotated[int, typer.Option(min=1, help="timed rounds (median)")] = 5,
-    warmup: Annotated[int, typer.Option(min=0, help="untimed rounds first")] = 2,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
-    csr_max_batch: Annotated[
-        int, typer.Option(min=0, help="skip torch.sparse CSR above this batch")
-    ] = 256,
-    seed: Annotated[int, typer.Option(help="seed of weights, inputs and random wirings")] = 0,
-    out: Annotated[
-        Path, typer.Option(help="JSON output (a .md table is written beside it)")
-    ] = Path("docs/bench/sparse.json"),
-) -> None:
-    """SparseLinear (auto and each block path) vs masked dense, torch.sparse CSR and nn.Linear."""
-    from neuroplex.bench.sparse import run, table
-
-    if any(b < 1 for b in batch):
-        raise NeuroplexError(f"--batch {batch}: every value must be at least 1")
-    result = run(
-        width=width,
-        batches=batch,
-        patterns=pattern,
-        blocks=block,
-        densities=density,
-        repeats=repeats,
-        warmup=warmup,
-        threads=threads,
-        csr_max_batch=csr_max_batch,
-        seed=seed,
-        out=out,
-    )
-    print(table(result))
 
 
 def _fmt(value: float | None) -> str:
