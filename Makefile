@@ -1,9 +1,12 @@
-# Two commands: `make demo` trains the default config, `make test` runs the tests.
-# Both create .venv and install everything on first use.
+# Two commands: `make demo` trains the default network and its dense twin, analyses both and
+# writes the report; `make test` runs the tests. Both create .venv and install everything first.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
+BASELINE ?= configs/default_dense.yaml
+NOW := $(shell date +%Y%m%d-%H%M%S)
+DEMO_DIR ?= runs/demo-$(NOW)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
@@ -22,8 +25,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Each line is a CLI command that can be re-run on its own; the last one prints the report path.
+RUN := $(DEMO_DIR)/$(notdir $(basename $(CONFIG)))
+BASE_RUN := $(DEMO_DIR)/$(notdir $(basename $(BASELINE)))
 demo: $(STAMP)
-	$(BIN)/neuroplex train $(CONFIG)
+	$(BIN)/neuroplex train $(CONFIG) --run-dir $(RUN)
+	$(BIN)/neuroplex train $(BASELINE) --run-dir $(BASE_RUN)
+	$(BIN)/neuroplex analyze $(RUN)
+	$(BIN)/neuroplex analyze $(BASE_RUN)
+	$(BIN)/neuroplex report $(RUN) --baseline $(BASE_RUN)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -334,6 +334,11 @@ USER_ERRORS = [
         ["checkpoint error", "tensors.safetensors", "checksum"],
         id="eval-corrupted-checkpoint",
     ),
+    pytest.param(
+        lambda tmp, t: ["report", t.run, "--baseline", tmp / "nowhere"],
+        ["--baseline {tmp}/nowhere", "not a finished run"],
+        id="report-bad-baseline",
+    ),
 ]
 
 

@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 import subprocess
@@ -7,6 +8,7 @@ import pytest
 
 from neuroplex.analysis.run import analyze_run
 from neuroplex.config import load_config
+from neuroplex.report.baseline import Analysed, baseline_section
 from neuroplex.report.html import (
     analysis_sections,
     markdown_table,
@@ -20,6 +22,7 @@ from neuroplex.train.runs import evaluate_exits
 
 SECTIONS = [
     "Overview",
+    "Communities vs designed ensembles: against the baseline",
     "Learning curves",
     "Wiring",
     "Functional connectivity",
@@ -32,31 +35,31 @@ SECTIONS = [
 ]
 
 
+REPORT_RUN = [
+    "data.name=digits",
+    "model.stages=[{kind: sparse, width: 32, ensembles: 4, m: 1, pattern: random},"
+    " {kind: moe, width: 16, experts: 4, k: 1, expert_hidden: 8, router: dts_temperature}]",
+    "train.method=local",
+    "train.aux.kind=linear",
+    "train.epochs=2",
+    "train.batch_size=64",
+]
+
+
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEUROPLEX_CACHE", str(tmp / "cache"))
-        cfg = load_config(
-            None,
-            [
-                "data.name=digits",
-                "model.stages=[{kind: sparse, width: 32, ensembles: 4, m: 1, pattern: random},"
-                " {kind: moe, width: 16, experts: 4, k: 1, expert_hidden: 8,"
-                " router: dts_temperature}]",
-                "train.method=local",
-                "train.aux.kind=linear",
-                "train.epochs=2",
-                "train.batch_size=64",
-            ],
-        )
-        run = tmp / "run"
-        train(cfg, run)
-        analyze_run(run, probe=200)
+        run, twin = tmp / "run", tmp / "twin"
+        train(load_config(None, REPORT_RUN), run)
+        train(load_config(None, [*REPORT_RUN, "model.stages.0.m=3"]), twin)  # dense twin
+        for path in (run, twin):
+            analyze_run(path, probe=200)
         evaluate_exits(run)
         bench = tmp / "local.md"
         bench.write_text("Numbers.\n\n| a | b |\n|---|---|\n| 1 | <x> |\n")
-        return write_report(run, [bench])
+        return write_report(run, [bench], baseline=twin)
 
 
 def test_report_is_one_self_contained_page_with_every_section(report_path):
@@ -65,7 +68,8 @@ def test_report_is_one_self_contained_page_with_every_section(report_path):
         assert f"<h2>{title}</h2>" in page, title
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched
     assert page.count("data:image/png;base64,") >= 10  # curves, 2 stages, wiring, 3 routing...
-    assert page.count("<figcaption") == 5  # wiring, structure, load, routing matrix, entropy
+    # wiring, structure, load, routing matrix, entropy; run and baseline by designed ensemble
+    assert page.count("<figcaption") == 7
     assert "&lt;x&gt;" in page  # table cells escaped
 
 
@@ -137,3 +141,29 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
         assert title in dom
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert len(np.unique(pixels)) > 20  # text and plots, not a blank page
+
+
+def test_the_baseline_section_shows_both_runs_numbers_from_their_analysis_files(report_path):
+    page = report_path.read_text()
+    body = page.split("<h2>Communities vs designed ensembles")[1].split("</section>")[0]
+    for name in ("run", "twin"):
+        stage = json.loads((report_path.parent.parent / name / "analysis.json").read_text())
+        stage = stage["stages"][0]
+        cells = f"<td>0</td><td>{name}</td><td>sparse</td><td>{stage['communities']}</td>"
+        assert cells + f"<td>{stage['modularity']:.3f}</td><td>{stage['nmi']:.2f}</td>" in body
+    # only the sparse stage has a design: a header and two rows, two heat maps
+    assert body.count("<tr>") == 3 and body.count("<img") == 2
+
+
+def test_a_baseline_without_a_design_says_so():
+    def analysed(name, stage):
+        analysis = {"stages": [{"stage": 0, "units": 4, "communities": 2, "modularity": 0.1}]}
+        analysis["stages"][0].update(stage)
+        return Analysed(name, analysis, {})
+
+    run = analysed("modular", {"kind": "sparse", "nmi": 0.9, "ari": 0.8})
+    page = baseline_section(run, analysed("dense", {"kind": "dense"}))
+    assert "<td>modular</td><td>sparse</td><td>2</td><td>0.100</td><td>0.90</td><td>0.80" in page
+    assert "<td>dense</td><td>dense</td><td>2</td><td>0.100</td><td>no design</td>" in page
+    page = baseline_section(analysed("a", {"kind": "dense"}), analysed("b", {"kind": "dense"}))
+    assert "Neither run has a stage with designed ensembles" in page

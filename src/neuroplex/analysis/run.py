@@ -78,6 +78,8 @@ def _stage(i: int, stage, acts: np.ndarray, seed: int, arrays: dict[str, np.ndar
     returned for the JSON, matrices added to ``arrays``."""
     designed = getattr(stage, "ensemble_labels", None)
     report = stage_report(acts, None if designed is None else np.asarray(designed), seed=seed)
+    if designed is not None:
+        arrays[f"stage{i}.designed"] = np.asarray(designed)
     if isinstance(stage, SparseStage):
         structure = structure_report(stage, report["ensemble_corr"])
         for key in ("structure", "pairs_structure", "pairs_function"):

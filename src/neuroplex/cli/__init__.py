@@ -282,6 +282,13 @@ def report(
         Optional[list[Path]],  # noqa: UP045
         typer.Option(help="benchmark table (.md) to include; repeatable"),
     ] = None,
+    baseline: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="a run to compare with: communities vs designed ensembles side by side "
+            "(e.g. the dense twin of a modular run)"
+        ),
+    ] = None,
     probe: Annotated[
         int, typer.Option(help="test samples for the analysis, if not yet run")
     ] = 1000,
@@ -292,12 +299,15 @@ def report(
 
     if not (run_dir / "summary.json").is_file():
         raise NeuroplexError(f"{run_dir}: not a finished run (no summary.json)")
+    if baseline is not None and not (baseline / "summary.json").is_file():
+        raise NeuroplexError(f"--baseline {baseline}: not a finished run (no summary.json)")
     for path in bench or []:
         if not path.is_file():
             raise NeuroplexError(f"--bench {path}: file not found")
-    if not (run_dir / "analysis.json").exists():
-        analyze_run(run_dir, probe=probe)
-    print(f"report: {write_report(run_dir, bench)}")
+    for path in (run_dir, baseline):
+        if path is not None and not (path / "analysis.json").exists():
+            analyze_run(path, probe=probe)
+    print(f"report: {write_report(run_dir, bench, baseline)}")
 
 
 @app.command()

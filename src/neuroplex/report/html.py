@@ -16,6 +16,8 @@ import numpy as np
 
 from neuroplex.files import atomic_write_text, read_jsonl
 from neuroplex.report import plots
+from neuroplex.report.baseline import Analysed, baseline_section
+from neuroplex.report.blocks import figure, fmt, image, section, table
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;
@@ -31,29 +33,6 @@ figure{margin:0;max-width:520px}
 """
 
 
-def section(title: str, body: str, caption: str = "") -> str:
-    note = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
-    return f"<section><h2>{html.escape(title)}</h2>{note}{body}</section>"
-
-
-def image(fig) -> str:
-    return f'<img alt="" src="data:image/png;base64,{plots.to_png_base64(fig)}">'
-
-
-def figure(fig, caption: str) -> str:
-    """A plot with its one-line caption under it."""
-    note = f'<figcaption class="caption">{html.escape(caption)}</figcaption>'
-    return f"<figure>{image(fig)}{note}</figure>"
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def markdown_table(text: str) -> str:
     """A markdown pipe table (as the benchmarks write) as HTML; other lines as paragraphs."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -63,16 +42,6 @@ def markdown_table(text: str) -> str:
     rows = [r for r in rows if not all(set(c) <= set("-: ") for c in r)]
     prose = "".join(f"<p>{html.escape(line)}</p>" for line in lines if not line.startswith("|"))
     return prose + (table(rows[0], rows[1:]) if rows else "")
-
-
-def fmt(value: Any, percent: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    if percent:
-        return f"{100 * value:.2f}%"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def overview(summary: dict[str, Any]) -> str:
@@ -244,10 +213,24 @@ def routing_figures(report: dict[str, Any], arrays: dict[str, np.ndarray]) -> st
     )
 
 
-def render(run_dir: Path, bench: list[Path] | None = None) -> str:
-    """The report page of ``run_dir`` as an HTML string."""
+def read_analysis(run_dir: Path) -> Analysed | None:
+    """The run's analysis files, or None before ``neuroplex analyze``."""
+    if not (run_dir / "analysis.json").exists():
+        return None
+    analysis = json.loads((run_dir / "analysis.json").read_text())
+    with np.load(run_dir / "analysis.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return Analysed(run_dir.name, analysis, arrays)
+
+
+def render(run_dir: Path, bench: list[Path] | None = None, baseline: Path | None = None) -> str:
+    """The report page of ``run_dir`` as an HTML string; with ``baseline`` (an analysed run),
+    a section comparing both runs' communities with their designed ensembles."""
     summary = json.loads((run_dir / "summary.json").read_text())
     parts = [section("Overview", overview(summary))]
+    analysed = read_analysis(run_dir)
+    if baseline is not None and analysed is not None:
+        parts.append(baseline_section(analysed, read_analysis(baseline)))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if rows:
         fig = plots.learning_curves(rows, f"{run_dir.name} ({summary.get('method')})")
@@ -260,12 +243,9 @@ def render(run_dir: Path, bench: list[Path] | None = None) -> str:
                 "accuracy.",
             )
         )
-    if (run_dir / "analysis.json").exists():
-        analysis = json.loads((run_dir / "analysis.json").read_text())
-        with np.load(run_dir / "analysis.npz") as npz:
-            arrays = {k: npz[k] for k in npz.files}
+    if analysed is not None:
         for build in (wiring_section, analysis_sections, structure_section, routing_section):
-            parts.append(build(analysis, arrays))
+            parts.append(build(analysed.analysis, analysed.arrays))
     if (run_dir / "exits.json").exists():
         exits = json.loads((run_dir / "exits.json").read_text())
         parts.append(
@@ -289,7 +269,9 @@ def render(run_dir: Path, bench: list[Path] | None = None) -> str:
     )
 
 
-def write_report(run_dir: Path, bench: list[Path] | None = None) -> Path:
+def write_report(
+    run_dir: Path, bench: list[Path] | None = None, baseline: Path | None = None
+) -> Path:
     path = run_dir / "report.html"
-    atomic_write_text(path, render(run_dir, bench))
+    atomic_write_text(path, render(run_dir, bench, baseline))
     return path

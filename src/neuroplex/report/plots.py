@@ -71,8 +71,11 @@ def exits_figure(report: dict[str, Any]) -> Figure:
     return fig
 
 
-def correlation_heatmap(corr: np.ndarray, labels: np.ndarray, title: str) -> Figure:
-    """Unit correlation with units ordered by community, community borders drawn."""
+def correlation_heatmap(
+    corr: np.ndarray, labels: np.ndarray, title: str, grouping: str = "community"
+) -> Figure:
+    """Unit correlation with units ordered by ``labels`` (a community or a designed ensemble
+    per unit, named by ``grouping``), group borders drawn."""
     order = np.argsort(labels, kind="stable")
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
     image = ax.imshow(corr[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
@@ -80,7 +83,7 @@ def correlation_heatmap(corr: np.ndarray, labels: np.ndarray, title: str) -> Fig
     for b in borders:
         ax.axhline(b, color="k", lw=0.6)
         ax.axvline(b, color="k", lw=0.6)
-    ax.set(title=title, xlabel="unit (ordered by community)", ylabel="unit")
+    ax.set(title=title, xlabel=f"unit (ordered by {grouping})", ylabel="unit")
     fig.colorbar(image, ax=ax, label="correlation")
     fig.tight_layout()
     return fig

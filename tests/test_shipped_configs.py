@@ -1,0 +1,49 @@
+"""The configs in configs/: all valid; the default uses every pillar; its dense twin differs
+only where it must."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neuroplex.config import SparseStageConfig, load_config
+from neuroplex.layers.stages import GatedStage, SparseStage
+from neuroplex.network import build_network
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MNIST1D = (40, 10)  # features, classes
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    assert load_config(path).name == path.stem
+
+
+def test_the_default_uses_every_pillar_at_once():
+    cfg = load_config(CONFIGS / "default.yaml")
+    assert cfg.data.name == "mnist1d" and cfg.train.method == "local"
+    net = build_network(cfg.model, *MNIST1D)
+    sparse = [s for s in net.stages if isinstance(s, SparseStage)]
+    assert len(sparse) == 1 and any(isinstance(s, GatedStage) for s in net.stages)
+    (stage_cfg,) = [c for c in cfg.model.stages if isinstance(c, SparseStageConfig)]
+    assert stage_cfg.wiring == "modular"
+    assert all(block.linear.wiring.density < 0.5 for block in sparse[0])
+    assert len(np.unique(sparse[0].ensemble_labels)) == stage_cfg.ensembles > 1
+
+
+def test_the_dense_twin_wires_every_ensemble_to_every_other_and_changes_nothing_else():
+    modular = load_config(CONFIGS / "default.yaml")
+    dense = load_config(CONFIGS / "default_dense.yaml")
+    i = next(i for i, c in enumerate(modular.model.stages) if isinstance(c, SparseStageConfig))
+    stage = modular.model.stages[i]
+    twin = stage.model_copy(update={"m": stage.ensembles - 1})
+    stages = [*modular.model.stages[:i], twin, *modular.model.stages[i + 1 :]]
+    model = modular.model.model_copy(update={"stages": stages})
+    expected = modular.model_copy(update={"name": "default_dense", "model": model})
+    assert dense == expected
+    built = build_network(dense.model, *MNIST1D).stages[i]
+    assert all(block.linear.wiring.density == 1.0 for block in built)
+    designed = build_network(modular.model, *MNIST1D).stages[i].ensemble_labels
+    assert np.array_equal(built.ensemble_labels, designed)  # the same groups to compare with
