@@ -131,6 +131,7 @@ def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
         balance_weight=cfg.balance_weight,
         z_loss_weight=cfg.z_loss_weight,
         act_layer=ACTIVATIONS[cfg.activation],
+        expert_dropout=cfg.expert_dropout,
     )
     return GatedStage(moe, NORMS[cfg.norm], dropout=cfg.dropout, residual=cfg.residual)
 

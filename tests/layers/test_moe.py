@@ -354,6 +354,23 @@ def test_noisy_default_trains_and_noise_only_in_training():
     assert torch.equal(moe(x).x, moe(x).x)
 
 
+@pytest.mark.parametrize("dispatch", ["loop", "bmm"])
+def test_expert_dropout_drops_hidden_units_in_training_only(dispatch):
+    torch.manual_seed(0)
+    plain = MoE(6, 6, 4, 2, 32, router="softmax_topk", dispatch=dispatch)
+    dropped = MoE(6, 6, 4, 2, 32, router="softmax_topk", dispatch=dispatch, expert_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(40, 6)
+    assert torch.allclose(dropped.eval()(x).x, plain.eval()(x).x)
+    torch.manual_seed(1)
+    y_train = dropped.train()(x).x
+    assert not torch.allclose(y_train, plain.train()(x).x, atol=1e-3)
+    # the expected hidden activity is kept: the dropped output is the plain one on average
+    torch.manual_seed(2)
+    mean = torch.stack([dropped(x).x for _ in range(400)]).mean(0)
+    assert torch.allclose(mean, plain(x).x, atol=0.05)
+
+
 def test_extra_repr_names_the_parts():
     text = repr(MoE(4, 4, 8, 2, 16, capacity_factor=1.25, dispatch="bmm"))
     for part in ("d_in=4", "d_out=4", "experts=8", "k=2", "hidden=16", "NoisyTopKRouter",
@@ -373,6 +390,7 @@ def test_extra_repr_names_the_parts():
         ({"drop": "skip"}, "drop must be one of residual, zero, got 'skip'"),
         ({"d_out": 3}, "needs d_in == d_out, got 4 and 3"),
         ({"dispatch": "einsum"}, "dispatch must be one of loop, bmm, got 'einsum'"),
+        ({"expert_dropout": 1.0}, r"expert_dropout must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):

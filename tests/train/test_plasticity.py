@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from neuroplex.analysis.run import analyze_run
 from neuroplex.config import BLOCK_KINDS, load_config
 from neuroplex.files import read_jsonl
 from neuroplex.layers.sparse_plan import choose_path
@@ -13,6 +14,7 @@ from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.plasticity import LOG
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.rewiring import sparse_layers, wiring_state
+from neuroplex.train.runs import evaluate_run
 from neuroplex.train.setup import build_setup
 
 KINDS = ["set", "rigl", "hebbian", "block_set", "block_rigl"]
@@ -153,6 +155,14 @@ def test_resume_in_the_middle_of_rewiring_is_bit_identical(kind, method, tmp_pat
     assert wirings == ref_wirings and tensors.keys() == ref_tensors.keys()
     for key, value in ref_tensors.items():
         assert torch.equal(tensors[key], value), key
+
+
+def test_a_rewired_run_loads_for_evaluation_and_analysis(tmp_path):
+    summary = loop.train(sparse_config("set"), tmp_path / "run")
+    result = evaluate_run(tmp_path / "run", which="last")  # the structure came from rewiring
+    assert result["acc"] == pytest.approx(summary["test_acc"])
+    analysis = analyze_run(tmp_path / "run", probe=64)
+    assert len(analysis["stages"]) == 2
 
 
 def test_the_modular_config_is_75_percent_sparse_at_the_dense_width():

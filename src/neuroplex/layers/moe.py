@@ -89,6 +89,8 @@ class MoE(nn.Module):
         balance_weight: weight of the balance loss in ``aux_loss``.
         z_loss_weight: weight of the router z-loss in ``aux_loss``.
         act_layer: expert activation class, e.g. ``nn.GELU``.
+        expert_dropout: dropout on the experts' hidden units (Switch Transformer's "expert
+            dropout", a regulariser for experts that each see only part of the data).
         dispatch: ``"loop"`` (one matmul per expert on its sorted slice) or ``"bmm"`` (a padded
             ``[e, c, d]`` buffer and batched matmuls; no host sync when a capacity is set).
 
@@ -111,6 +113,7 @@ class MoE(nn.Module):
         balance_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
         act_layer: type[nn.Module] = nn.GELU,
+        expert_dropout: float = 0.0,
         dispatch: str = "loop",
         device=None,
         dtype=None,
@@ -126,6 +129,8 @@ class MoE(nn.Module):
         ):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or None, got {value}.")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}.")
         if drop not in DROPS:
             raise ValueError(f"drop must be one of {', '.join(DROPS)}, got {drop!r}.")
         if drop == "residual" and d_in != d_out:
@@ -152,7 +157,11 @@ class MoE(nn.Module):
         self.drop, self.balance, self.dispatch = drop, balance, dispatch
         self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
         self.router = router
+        self.expert_dropout = expert_dropout
+        # the activation of the hidden units, then their dropout: both dispatch paths apply it
         self.act = act_layer()
+        if expert_dropout:
+            self.act = nn.Sequential(self.act, nn.Dropout(expert_dropout))
         factory = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(n_experts, d_in, expert_hidden, **factory))
         self.b1 = nn.Parameter(torch.empty(n_experts, expert_hidden, **factory))
@@ -235,7 +244,8 @@ class MoE(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, experts={self.n_experts}, k={self.k}, "
             f"hidden={self.expert_hidden}, router={type(self.router).__name__}, "
             f"capacity={self.capacity_factor}/{self.eval_capacity_factor} (train/eval), "
-            f"drop={self.drop}, balance={self.balance}, dispatch={self.dispatch}"
+            f"drop={self.drop}, balance={self.balance}, dispatch={self.dispatch}, "
+            f"expert_dropout={self.expert_dropout}"
         )
 
 

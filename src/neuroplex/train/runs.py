@@ -11,6 +11,7 @@ from neuroplex.files import atomic_write_json
 from neuroplex.train.checkpoint import Checkpoint, load_checkpoint, load_module_state
 from neuroplex.train.evaluate import evaluate
 from neuroplex.train.rundir import load_method_state
+from neuroplex.train.rewiring import restore_wirings
 from neuroplex.train.setup import Setup, build_setup
 
 SPLITS = ("train", "val", "test")
@@ -25,6 +26,7 @@ def load_run(run_dir: Path, which: str = "best") -> tuple[Setup, Checkpoint]:
         raise NeuroplexError(f"{run_dir}: not a run directory (no config.yaml)")
     s = build_setup(load_config(config_path))
     ckpt = load_checkpoint(run_dir, which)
+    restore_wirings(s.model, ckpt.state.get("wirings", {}))  # a rewired run's layers
     load_module_state(s.model, ckpt.tensors, "model.")
     return s, ckpt
 
