@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from update_readme import main as update_readme
 
+from neuroplex.analysis.run import analyze_run
 from neuroplex.config import load_config
 from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
 from neuroplex.report.plots import learning_curves, save_png
@@ -29,7 +30,15 @@ from neuroplex.train import train
 from neuroplex.train.progress import PlainProgress
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["configs/mnist1d_mlp.yaml", "configs/mnist1d_local.yaml", "configs/digits_mlp.yaml"]
+CONFIGS = [
+    "configs/default.yaml",
+    "configs/default_dense.yaml",
+    "configs/mnist1d_mlp.yaml",
+    "configs/mnist1d_local.yaml",
+    "configs/mnist1d_moe.yaml",
+    "configs/mnist1d_modular.yaml",
+    "configs/digits_mlp.yaml",
+]
 
 
 def run_all(configs: list[str], seeds: int, out: Path) -> dict:
@@ -41,16 +50,24 @@ def run_all(configs: list[str], seeds: int, out: Path) -> dict:
             run_dir = out / f"{cfg.name}-seed{seed}"
             print(f"== {config} seed {seed} -> {run_dir}", flush=True)
             summary = train(cfg, run_dir, progress=PlainProgress())
-            runs.append({"run_dir": str(run_dir), **summary})
+            runs.append({"run_dir": str(run_dir), **summary, "nmi": designed_nmi(run_dir)})
         results[config] = runs
     return results
+
+
+def designed_nmi(run_dir: Path) -> float | None:
+    """NMI between the functional communities and the designed ensembles of the first stage
+    that has a design (a sparse stage); ``None`` without one."""
+    stages = analyze_run(run_dir)["stages"]
+    return next((st["nmi"] for st in stages if st.get("nmi") is not None), None)
 
 
 def table(results: dict) -> str:
     lines = [
         "| config | dataset (train/val/test) | params | active params | "
-        "test acc, mean ± std (seeds) | train time per run | activation memory |",
-        "|---|---|---|---|---|---|---|",
+        "test acc, mean ± std (seeds) | train time per run | activation memory | "
+        "ensemble NMI |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for config, runs in results.items():
         accs = [100 * r["test_acc"] for r in runs]
@@ -61,10 +78,22 @@ def table(results: dict) -> str:
             f"| `{config}` | {d['name']} ({d['train']}/{d['val']}/{d['test']}) | "
             f"{runs[0]['params']:,} | {runs[0].get('active_params', runs[0]['params']):,} | "
             f"{statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
-            f"{seconds:.0f} s | {runs[0]['activation_bytes_peak'] / 2**20:.2f} MiB |"
+            f"{seconds:.0f} s | {runs[0]['activation_bytes_peak'] / 2**20:.2f} MiB | "
+            f"{nmi_cell(runs)} |"
         )
+    lines.append(
+        "\nActive params: what one input uses (an MoE counts k of its e experts). Ensemble NMI: "
+        "functional communities (Louvain) vs the designed ensembles of the sparse stage, "
+        "mean over seeds; the dense twin keeps the same unit groups with every ensemble wired "
+        "to every other."
+    )
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     return "\n".join(lines) + f"\n\nMeasured by `scripts/measure_results.py` on {machine}.\n"
+
+
+def nmi_cell(runs: list[dict]) -> str:
+    values = [r["nmi"] for r in runs if r.get("nmi") is not None]
+    return f"{statistics.mean(values):.2f}" if values else "—"
 
 
 def main() -> None:
@@ -80,8 +109,8 @@ def main() -> None:
     results = {c: fresh[c] if c in fresh else kept[c] for c in CONFIGS if c in fresh or c in kept}
     atomic_write_json(docs / "results.json", results)
     atomic_write_text(docs / "results.md", table(results))
-    if CONFIGS[0] in fresh:
-        first = Path(fresh[CONFIGS[0]][0]["run_dir"])
+    if "configs/mnist1d_mlp.yaml" in fresh:
+        first = Path(fresh["configs/mnist1d_mlp.yaml"][0]["run_dir"])
         figure = learning_curves(
             read_jsonl(first / "metrics.jsonl"), f"MNIST-1D, 4-stage MLP, backprop ({first.name})"
         )

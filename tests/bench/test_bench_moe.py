@@ -42,11 +42,11 @@ def test_peer_outputs_have_the_token_shape():
 
 
 def test_peer_is_skipped_with_a_reason_when_unsupported_or_too_big():
-    assert "k=1 not supported" in peer("st-moe-pytorch", 8, 8, 4, 1, 16, True, 1.0).skip
+    assert peer("st-moe-pytorch", 8, 8, 4, 1, 16, True, 1.0).skip == "k=1 not supported"
     gib = peer_dispatch_gib(16384, 8, None)
     assert gib == pytest.approx(8.0)  # 16384 * 8 * 16384 floats
     too_big = peer("mixture-of-experts", 8, 8, 8, 2, 16384, True, max_gib=1.0)
-    assert too_big.skip == "dispatch tensor would take 8.0 GiB"
+    assert too_big.skip == "one-hot dispatch 8.0 GiB"
 
 
 def test_run_times_every_implementation_and_writes_json_and_table(tmp_path):

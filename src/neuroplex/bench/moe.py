@@ -79,10 +79,10 @@ def peer(
     if importlib.util.find_spec(PEERS[package]) is None:
         return Candidate(name, None, None, "not installed (pip install 'neuroplex[bench]')")
     if k not in (1, 2) or (package == "st-moe-pytorch" and k != 2):
-        return Candidate(name, None, None, f"k={k} not supported by {package}")
+        return Candidate(name, None, None, f"k={k} not supported")
     gib = peer_dispatch_gib(tokens, e, None if no_drop else 1.25)
     if gib > max_gib:
-        return Candidate(name, None, None, f"dispatch tensor would take {gib:.1f} GiB")
+        return Candidate(name, None, None, f"one-hot dispatch {gib:.1f} GiB")
     build = build_mixture_of_experts if package == "mixture-of-experts" else build_st_moe
     module = build(d, h, e, k, no_drop)
 
@@ -265,5 +265,5 @@ def _relative(row: dict | None, metric: str, mine: float) -> str:
     if row is None:
         return "—"
     if row["skip"] is not None:
-        return f"skipped: {row['skip']}"
+        return f"— ({row['skip']})"
     return f"{row[metric] / mine:.1f}×"
