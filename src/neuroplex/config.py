@@ -91,7 +91,9 @@ class MoEStageConfig(StrictModel):
     norm: Literal["layernorm", "batchnorm", "none"] = Field("layernorm", description="after mixing")
     activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="in experts")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the norm")
-    expert_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the experts' hidden units")
+    expert_dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout on the experts' hidden units"
+    )
     residual: bool = Field(
         False, description="norm(x + moe(x)), a residual block; needs width = the input width"
     )

@@ -40,10 +40,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One record as a JSON Lines line (sorted keys, newline-terminated)."""
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one JSON line and fsync (a torn last line is skipped by ``read_jsonl``)."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(json_line(record))
         f.flush()
         os.fsync(f.fileno())
 

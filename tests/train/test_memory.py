@@ -1,3 +1,5 @@
+import gc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,3 +91,20 @@ def test_a_parameter_whose_data_is_replaced_stays_excluded():
     with meter.track():
         F.cross_entropy(model(x), y).backward()
     assert meter.peak == first
+
+
+def test_an_op_saving_its_output_off_the_backward_path_is_released():
+    # softmax saves its output; held as-is, a graph that backward never runs (a statistic
+    # computed with grad, like MoE's gate entropy) would leak one tensor per step
+    w = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(10, 6)
+    expected = torch.autograd.grad((x @ w).softmax(1).square().sum(), w)[0]
+    meter = ActivationMeter([w])
+    for _ in range(3):
+        with meter.track():
+            side = (x @ w).softmax(1)  # never back-propagated
+            grad = torch.autograd.grad((x @ w).softmax(1).square().sum(), w)[0]
+            del side
+        assert torch.equal(grad, expected)
+    gc.collect()
+    assert meter.current == 0 and meter.peak > 0

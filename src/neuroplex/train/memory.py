@@ -58,6 +58,10 @@ class ActivationMeter:
             yield self
 
     def _pack(self, tensor: Tensor) -> _Saved:
+        # Keep a detached alias: an op that saves its own output (softmax, exp, tanh...) would
+        # otherwise hold that output, whose grad_fn holds this handle — a cycle through C++ that
+        # Python's gc cannot see, so the graph (and the count) would never be freed.
+        tensor = tensor.detach()
         key = _storage_key(tensor)
         if key in self._excluded:
             return _Saved(tensor, self, None)

@@ -22,7 +22,13 @@ from torch import Tensor
 import neuroplex
 from neuroplex.config import Config, to_yaml
 from neuroplex.errors import ConfigError
-from neuroplex.files import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    json_line,
+    read_jsonl,
+)
 from neuroplex.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -105,11 +111,7 @@ def truncate_jsonl(path: Path, key: str, last: int) -> None:
     """Drop the lines of ``path`` whose ``key`` is past ``last`` (logged after the checkpoint)."""
     if path.exists():
         kept = [r for r in read_jsonl(path) if r[key] <= last]
-        atomic_write_text(path, "".join(_json_line(r) for r in kept))
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True) + "\n"
+        atomic_write_text(path, "".join(json_line(r) for r in kept))
 
 
 def rng_state(device: torch.device) -> dict[str, str]:

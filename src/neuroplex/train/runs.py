@@ -10,8 +10,8 @@ from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_json
 from neuroplex.train.checkpoint import Checkpoint, load_checkpoint, load_module_state
 from neuroplex.train.evaluate import evaluate
-from neuroplex.train.rundir import load_method_state
 from neuroplex.train.rewiring import restore_wirings
+from neuroplex.train.rundir import load_method_state
 from neuroplex.train.setup import Setup, build_setup
 
 SPLITS = ("train", "val", "test")
