@@ -100,6 +100,15 @@ def test_the_loop_anneals_dense_to_sparse_routers(tmp_path):
     assert router.schedule()[1] == 1  # exactly top-k at the end
 
 
+def test_moe_stage_with_sparse_experts_trains(tmp_path):
+    sparse = MIXED.replace("expert_hidden: 16}", "expert_hidden: 16, expert_wiring: {m: 1}}")
+    cfg = load_config(None, ["data.name=digits", sparse, "train.epochs=2", "train.lr=0.01"])
+    torch.manual_seed(0)
+    moe = build_network(cfg.model, n_features=64, n_classes=10).stages[1].moe
+    assert moe.expert_density == pytest.approx(0.5)  # 4 ensembles, own + 1 other
+    assert train(cfg, tmp_path / "run")["test_acc"] > 0.5
+
+
 def test_active_parameters_count_k_of_e_experts():
     cfg = load_config(None, [MIXED])
     net = build_network(cfg.model, n_features=12, n_classes=3)

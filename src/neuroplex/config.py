@@ -65,6 +65,20 @@ class DenseStageConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each activation")
 
 
+class ExpertWiringConfig(StrictModel):
+    """Sparse experts: both expert layers wired modularly (the same wiring for every expert)."""
+
+    ensembles: int = Field(4, ge=1, description="ensembles on each side of each expert layer")
+    m: int = Field(1, ge=0, description="input ensembles per output ensemble beyond its own")
+    pattern: Literal["ring", "random", "shuffle"] = Field("ring", description="which ones")
+
+    @model_validator(mode="after")
+    def _m_below_ensembles(self) -> ExpertWiringConfig:
+        if self.m >= self.ensembles:
+            raise ValueError(f"m = {self.m}: must be < ensembles ({self.ensembles})")
+        return self
+
+
 class MoEStageConfig(StrictModel):
     """A gated mixture of expert MLPs: each input goes to its top-k experts, then norm, dropout."""
 
@@ -96,6 +110,9 @@ class MoEStageConfig(StrictModel):
     )
     residual: bool = Field(
         False, description="norm(x + moe(x)), a residual block; needs width = the input width"
+    )
+    expert_wiring: ExpertWiringConfig | None = Field(
+        None, description="sparse experts (modular wiring of both expert layers); null = dense"
     )
 
     @model_validator(mode="after")

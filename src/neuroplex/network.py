@@ -132,6 +132,7 @@ def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
         z_loss_weight=cfg.z_loss_weight,
         act_layer=ACTIVATIONS[cfg.activation],
         expert_dropout=cfg.expert_dropout,
+        expert_wirings=expert_wirings(cfg, d_in),
     )
     return GatedStage(moe, NORMS[cfg.norm], dropout=cfg.dropout, residual=cfg.residual)
 
@@ -144,6 +145,19 @@ def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:
     if cfg.wiring == "hypergraph":
         return wiring.hypergraph_from_file(cfg.hypergraph)
     return wiring.dense(n_in, cfg.width)
+
+
+def expert_wirings(cfg: MoEStageConfig, d_in: int) -> tuple[Wiring, Wiring] | None:
+    """The two modular wirings shared by a sparse MoE stage's experts (seeds from torch's
+    generator, so they follow the run's seed)."""
+    w = cfg.expert_wiring
+    if w is None:
+        return None
+    s1, s2 = torch.randint(0, 2**31 - 1, (2,)).tolist()
+    return (
+        wiring.modular(d_in, cfg.expert_hidden, w.ensembles, w.m, w.pattern, seed=s1),
+        wiring.modular(cfg.expert_hidden, cfg.width, w.ensembles, w.m, w.pattern, seed=s2),
+    )
 
 
 def build_sparse_stage(cfg: SparseStageConfig, d_in: int) -> nn.Module:

@@ -11,6 +11,7 @@ from torch import nn
 from neuroplex.layers.moe import MoE, cv_squared
 from neuroplex.layers.output import StageOutput
 from neuroplex.layers.routers import NoisyTopKRouter, RouterOutput
+from neuroplex.wiring import modular
 
 F64 = torch.float64
 
@@ -369,6 +370,33 @@ def test_expert_dropout_drops_hidden_units_in_training_only(dispatch):
     torch.manual_seed(2)
     mean = torch.stack([dropped(x).x for _ in range(400)]).mean(0)
     assert torch.allclose(mean, plain(x).x, atol=0.05)
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "bmm"])
+def test_sparse_experts_are_the_dense_layer_with_masked_weights(dispatch):
+    torch.manual_seed(0)
+    wirings = (modular(8, 12, 4, 1, "ring"), modular(12, 8, 4, 1, "random", seed=3))
+    sparse = MoE(8, 8, 4, 2, 12, router="softmax_topk", dispatch=dispatch, expert_wirings=wirings)
+    m1, m2 = sparse.mask1.bool(), sparse.mask2.bool()
+    assert m1.shape == (8, 12) and m2.shape == (12, 8)
+    assert torch.equal(m1, torch.from_numpy(wirings[0].to_mask().T.copy()))
+    assert (sparse.w1[:, ~m1] == 0).all() and (sparse.w2[:, ~m2] == 0).all()  # init off-mask
+    dense = MoE(8, 8, 4, 2, 12, router="softmax_topk", dispatch=dispatch)
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if "mask" not in k})
+    with torch.no_grad():  # the weights may change off the mask: the mask must hide them
+        sparse.w1.add_(torch.randn_like(sparse.w1) * ~m1)
+    x = torch.randn(30, 8)
+    out = sparse(x)
+    torch.testing.assert_close(out.x, dense(x).x)
+    out.x.square().sum().backward()
+    assert (sparse.w1.grad[:, ~m1] == 0).all() and (sparse.w2.grad[:, ~m2] == 0).all()
+    assert sparse.w1.grad[:, m1].abs().sum() > 0
+    assert "expert_density=0.500" in repr(sparse)
+
+
+def test_sparse_expert_wirings_must_fit_the_expert_sizes():
+    with pytest.raises(ValueError, match="expert wiring is 8 -> 12, expected 8 -> 16"):
+        MoE(8, 8, 4, 2, 16, expert_wirings=(modular(8, 12, 4, 1), modular(12, 8, 4, 1)))
 
 
 def test_extra_repr_names_the_parts():

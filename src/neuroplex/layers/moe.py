@@ -26,6 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from neuroplex.layers.output import StageOutput
 from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes
+from neuroplex.wiring import Wiring
 
 BALANCES = ("cv2", "switch")
 DROPS = ("residual", "zero")
@@ -91,6 +92,9 @@ class MoE(nn.Module):
         act_layer: expert activation class, e.g. ``nn.GELU``.
         expert_dropout: dropout on the experts' hidden units (Switch Transformer's "expert
             dropout", a regulariser for experts that each see only part of the data).
+        expert_wirings: sparse experts: two ``Wiring`` s (``d_in -> h`` and ``h -> d_out``)
+            shared by every expert; their unit masks multiply the expert weights, and each
+            hidden or output unit is initialised for its real fan-in.
         dispatch: ``"loop"`` (one matmul per expert on its sorted slice) or ``"bmm"`` (a padded
             ``[e, c, d]`` buffer and batched matmuls; no host sync when a capacity is set).
 
@@ -114,6 +118,7 @@ class MoE(nn.Module):
         z_loss_weight: float = 1e-3,
         act_layer: type[nn.Module] = nn.GELU,
         expert_dropout: float = 0.0,
+        expert_wirings: tuple[Wiring, Wiring] | None = None,
         dispatch: str = "loop",
         device=None,
         dtype=None,
@@ -167,14 +172,30 @@ class MoE(nn.Module):
         self.b1 = nn.Parameter(torch.empty(n_experts, expert_hidden, **factory))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_hidden, d_out, **factory))
         self.b2 = nn.Parameter(torch.empty(n_experts, d_out, **factory))
+        self.expert_density: float | None = None
+        if expert_wirings is not None:
+            masks = _expert_masks(expert_wirings, (d_in, expert_hidden, d_out), factory)
+            self.register_buffer("mask1", masks[0])  # [d_in, h]
+            self.register_buffer("mask2", masks[1])  # [h, d_out]
+            self.expert_density = float(
+                (masks[0].sum() + masks[1].sum()) / (masks[0].numel() + masks[1].numel())
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each expert's layers drawn as ``nn.Linear`` draws them: U(±1/sqrt(fan_in))."""
-        for w, b, fan_in in ((self.w1, self.b1, self.d_in), (self.w2, self.b2, self.expert_hidden)):
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+        """Each expert's layers drawn as ``nn.Linear`` draws them: U(±1/sqrt(fan_in)); a sparse
+        expert counts each unit's fan-in over its real inputs and is zero off its mask."""
+        for w, b, mask in ((self.w1, self.b1, "mask1"), (self.w2, self.b2, "mask2")):
+            m = getattr(self, mask, None)
+            if m is None:
+                bound = 1.0 / math.sqrt(w.shape[1])
+                nn.init.uniform_(w, -bound, bound)
+                nn.init.uniform_(b, -bound, bound)
+                continue
+            bound = m.sum(0).clamp(min=1).rsqrt()  # [units out]
+            with torch.no_grad():
+                w.uniform_(-1, 1).mul_(bound * m)
+                b.uniform_(-1, 1).mul_(bound)
 
     def forward(self, x: Tensor) -> StageOutput:
         """``[b, d_in] -> StageOutput(x [b, d_out], aux_loss [], stats)``.
@@ -237,7 +258,9 @@ class MoE(nn.Module):
         return self.router(x)
 
     def _experts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, nn.Module]:
-        return self.w1, self.b1, self.w2, self.b2, self.act
+        if self.expert_density is None:
+            return self.w1, self.b1, self.w2, self.b2, self.act
+        return self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act
 
     def extra_repr(self) -> str:
         return (
@@ -246,7 +269,23 @@ class MoE(nn.Module):
             f"capacity={self.capacity_factor}/{self.eval_capacity_factor} (train/eval), "
             f"drop={self.drop}, balance={self.balance}, dispatch={self.dispatch}, "
             f"expert_dropout={self.expert_dropout}"
+            + ("" if self.expert_density is None else f", expert_density={self.expert_density:.3f}")
         )
+
+
+def _expert_masks(
+    wirings: tuple[Wiring, Wiring], sizes: tuple[int, int, int], factory: dict
+) -> tuple[Tensor, Tensor]:
+    """Unit masks ``[d_in, h]`` and ``[h, d_out]`` (weight layout) of the two expert wirings."""
+    masks = []
+    for wiring, n_in, n_out in zip(wirings, sizes[:-1], sizes[1:], strict=True):
+        if (wiring.n_in, wiring.n_out) != (n_in, n_out):
+            raise ValueError(
+                f"expert wiring is {wiring.n_in} -> {wiring.n_out}, expected {n_in} -> {n_out}."
+            )
+        mask = torch.from_numpy(wiring.to_mask().T.copy())  # bool [n_in, n_out]
+        masks.append(mask.to(device=factory["device"], dtype=factory["dtype"] or torch.float32))
+    return masks[0], masks[1]
 
 
 def _dispatch_loop(x, expert, gate, token, rank, counts, cap, experts):
