@@ -80,12 +80,16 @@ class Network(nn.Module):
 
     def num_active_parameters(self) -> int:
         """Parameters one input uses: an MoE layer counts its router and ``k`` of its ``e``
-        experts (what a dense network of equal active size is compared with)."""
+        experts, sparse experts only their masked-in weights (what a dense network of equal
+        active size is compared with)."""
         total = self.num_parameters()
         for m in self.modules():
             if isinstance(m, MoE):
-                experts = sum(p.numel() for p in (m.w1, m.b1, m.w2, m.b2))
-                total -= experts - experts * m.k // m.n_experts
+                stored = sum(p.numel() for p in (m.w1, m.b1, m.w2, m.b2))
+                used = stored  # sparse experts use only their masked-in weights
+                if m.expert_density is not None:
+                    used -= m.n_experts * int((m.mask1 == 0).sum() + (m.mask2 == 0).sum())
+                total -= stored - used * m.k // m.n_experts
         return total
 
 
