@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from neuroplex.config import Config, load_config
+from neuroplex.train.progress import NullProgress
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +30,20 @@ TINY_OVERRIDES = [
 def tiny_config() -> Config:
     """Two small dense stages on scikit-learn digits, 3 epochs: trains in about a second."""
     return load_config(None, TINY_OVERRIDES)
+
+
+class KillAt(NullProgress):
+    """Simulates the process being killed at a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def advance(self, step: int, loss: float) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def kill_at() -> type[KillAt]:
+    """``kill_at(step)``: a progress display that interrupts training at ``step``."""
+    return KillAt

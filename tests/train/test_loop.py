@@ -8,7 +8,6 @@ from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import read_jsonl
 from neuroplex.train import loop, rundir
 from neuroplex.train.checkpoint import read_index
-from neuroplex.train.progress import NullProgress
 from neuroplex.train.runs import evaluate_run
 
 TIMING = {"samples_per_s", "wall_time"}
@@ -60,22 +59,11 @@ def test_resume_after_two_epochs_is_bit_identical_to_four_uninterrupted(tiny_con
         assert done[key] == full[key]
 
 
-class KillAt(NullProgress):
-    """Simulates the process being killed at a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def advance(self, step: int, loss: float) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
-def test_killed_mid_epoch_resumes_from_last_checkpoint_exactly(tiny_config, tmp_path):
+def test_killed_mid_epoch_resumes_from_last_checkpoint_exactly(tiny_config, tmp_path, kill_at):
     loop.train(tiny_config, tmp_path / "full")
     steps_per_epoch = math.ceil(1293 / 64)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny_config, tmp_path / "killed", progress=KillAt(2 * steps_per_epoch + 5))
+        loop.train(tiny_config, tmp_path / "killed", progress=kill_at(2 * steps_per_epoch + 5))
     assert read_index(tmp_path / "killed")["last"] == "epoch-0002"
     loop.train(tiny_config, tmp_path / "killed", resume=True)
     assert metrics(tmp_path / "killed") == metrics(tmp_path / "full")

@@ -12,7 +12,6 @@ from neuroplex.network import build_network
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.plasticity import LOG
-from neuroplex.train.progress import NullProgress
 from neuroplex.train.rewiring import sparse_layers, wiring_state
 from neuroplex.train.runs import evaluate_run
 from neuroplex.train.setup import build_setup
@@ -116,15 +115,6 @@ def test_fraction_is_cosine_annealed_to_zero_at_end_step(tmp_path):
     assert [e["pruned"] for e in events] == [math.ceil(0.15 * 1024), math.ceil(0.15 * 256)]
 
 
-class KillAt(NullProgress):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def advance(self, step: int, loss: float) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 def final_state(run_dir):
     ckpt = load_checkpoint(run_dir, "last")
     return ckpt.tensors, ckpt.state["wirings"]
@@ -133,7 +123,7 @@ def final_state(run_dir):
 @pytest.mark.parametrize(
     ("kind", "method"), [("set", "backprop"), ("hebbian", "backprop"), ("block_rigl", "local")]
 )
-def test_resume_in_the_middle_of_rewiring_is_bit_identical(kind, method, tmp_path):
+def test_resume_in_the_middle_of_rewiring_is_bit_identical(kind, method, tmp_path, kill_at):
     cfg = sparse_config(kind, f"train.method={method}", "train.aux.kind=mlp")
     loop.train(cfg, tmp_path / "full")
     loop.train(cfg, tmp_path / "split", stop_after_epoch=1)
@@ -142,7 +132,7 @@ def test_resume_in_the_middle_of_rewiring_is_bit_identical(kind, method, tmp_pat
         build_setup(cfg).model
     )  # the checkpoint holds a rewired structure
     with pytest.raises(KeyboardInterrupt):  # killed in epoch 2, after a few more events
-        loop.train(cfg, tmp_path / "split", resume=True, progress=KillAt(21 + 12))
+        loop.train(cfg, tmp_path / "split", resume=True, progress=kill_at(21 + 12))
     assert read_jsonl(tmp_path / "split" / LOG)[-1]["step"] == 30
     loop.train(cfg, tmp_path / "split", resume=True)
     for name in ("metrics.jsonl", LOG):
