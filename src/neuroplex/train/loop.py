@@ -176,9 +176,8 @@ def train_batch(
     rate; stop if the loss diverged on any rank; add it to ``totals``; return the loss."""
     x, y = batch
     totals.lr = lr_at(state.step, s.total_steps, s.cfg.train)
-    for module in s.model.modules():  # e.g. dense-to-sparse routers anneal with training progress
-        if hasattr(module, "set_progress"):
-            module.set_progress(state.step / max(s.total_steps - 1, 1))
+    for module in s.scheduled:  # e.g. dense-to-sparse routers anneal with training progress
+        module.set_progress(state.step / max(s.total_steps - 1, 1))
     with meter.track():
         result = s.method.step(x, y, totals.lr)
     loss = float(result.loss)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
+from torch import nn
 
 from neuroplex.config import Config
 from neuroplex.data import Dataset, load_dataset
@@ -32,6 +34,12 @@ class Setup:
     method: Method
     world: World = field(default_factory=World)
     plasticity: Plasticity | NullPlasticity = field(default_factory=NullPlasticity)
+
+    @cached_property
+    def scheduled(self) -> list[nn.Module]:
+        """Modules that follow training progress (``set_progress``, e.g. dense-to-sparse
+        routers), found once: rewiring changes layers in place, never the module tree."""
+        return [m for m in self.model.modules() if hasattr(m, "set_progress")]
 
     @property
     def steps_per_epoch(self) -> int:
