@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from neuroplex.bench import machine
+from neuroplex.bench import machine, write
 from neuroplex.errors import NeuroplexError
-from neuroplex.files import atomic_write_json, atomic_write_text
 
 METHODS: dict[str, list[str]] = {
     "backprop": ["train.method=backprop"],
@@ -67,7 +66,6 @@ def run(
     if resume and out.exists():
         result["runs"] = previous_runs(out, steps, width)
     done = {(r["stages"], r["method"], r["seed"]) for r in result["runs"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
         for seed in range(seeds):
             for stages in stage_counts:
@@ -79,8 +77,7 @@ def run(
                     summary = run_one([*overrides, f"seed={seed}"], run_dir)
                     row = {**summary, "stages": stages, "method": name, "seed": seed}
                     result["runs"].append(row)
-                    atomic_write_json(out, result)
-                    atomic_write_text(out.with_suffix(".md"), table(result))
+                    write(result, out, table)
                     print(f"stages={stages} {name} seed={seed}: test_acc={summary['test_acc']}")
     return result
 

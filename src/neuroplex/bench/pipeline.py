@@ -23,9 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from neuroplex.bench import write
 from neuroplex.bench.local import base_overrides, machine, run_one
 from neuroplex.config import load_config
-from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.files import read_jsonl
 from neuroplex.train.pipeline import split_stages, stage_costs
 from neuroplex.train.setup import build_setup
 
@@ -88,7 +89,6 @@ def run(
         "samples_per_s": {},
         "plan": planner([*shared, *list(runs(n).values())[-1]]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
         for i, (name, extra) in enumerate(runs(n).items()):
             run_dir = Path(tmp) / f"run-{i}"
@@ -98,8 +98,7 @@ def run(
     sequential_n, sequential_1, pipeline = (result["samples_per_s"][k] for k in runs(n))
     result["speedup"] = pipeline / sequential_n
     result["scaling_efficiency"] = pipeline / (n * sequential_1)
-    atomic_write_json(out, result)
-    atomic_write_text(out.with_suffix(".md"), table(result))
+    write(result, out, table)
     return result
 
 
