@@ -88,6 +88,18 @@ def test_residual_moe_stage_adds_its_input_before_the_norm():
     assert torch.allclose(stage(x).x, x + stage.moe(x).x)
 
 
+def test_shared_expert_sees_every_input_and_counts_as_active():
+    stages = "model.stages=[{kind: moe, width: 12, experts: 4, k: 1, expert_hidden: 8, "
+    cfg = load_config(None, [stages + "shared_hidden: 6, norm: none}]"])
+    net = build_network(cfg.model, n_features=12, n_classes=3).eval()
+    stage = net.stages[0]
+    x = torch.randn(5, 12)
+    assert torch.allclose(stage(x).x, stage.moe(x).x + stage.shared(x))
+    plain = build_network(load_config(None, [stages + "norm: none}]"]).model, 12, 3)
+    shared_params = (12 * 6 + 6) + (6 * 12 + 12)
+    assert net.num_active_parameters() == plain.num_active_parameters() + shared_params
+
+
 def test_the_loop_anneals_dense_to_sparse_routers(tmp_path):
     from neuroplex.train.runs import load_run
 

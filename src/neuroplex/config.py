@@ -114,6 +114,12 @@ class MoEStageConfig(StrictModel):
     expert_wiring: ExpertWiringConfig | None = Field(
         None, description="sparse experts (modular wiring of both expert layers); null = dense"
     )
+    shared_hidden: int = Field(
+        0,
+        ge=0,
+        description="hidden width of a shared dense expert every input also goes through "
+        "(added to the routed output); 0 = none",
+    )
 
     @model_validator(mode="after")
     def _k_at_most_experts(self) -> MoEStageConfig:

@@ -21,7 +21,7 @@ from neuroplex.config import DenseStageConfig, ModelConfig, MoEStageConfig, Spar
 from neuroplex.errors import ConfigError
 from neuroplex.layers import DenseStage, StageOutput
 from neuroplex.layers.moe import MoE
-from neuroplex.layers.stages import GatedStage, SparseStage
+from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
 from neuroplex.wiring import Wiring
 
 
@@ -138,7 +138,13 @@ def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
         expert_dropout=cfg.expert_dropout,
         expert_wirings=expert_wirings(cfg, d_in),
     )
-    return GatedStage(moe, NORMS[cfg.norm], dropout=cfg.dropout, residual=cfg.residual)
+    shared = None
+    if cfg.shared_hidden:
+        act = ACTIVATIONS[cfg.activation]
+        shared = shared_expert(d_in, cfg.shared_hidden, cfg.width, act, cfg.expert_dropout)
+    return GatedStage(
+        moe, NORMS[cfg.norm], dropout=cfg.dropout, residual=cfg.residual, shared=shared
+    )
 
 
 def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:

@@ -49,6 +49,8 @@ class SparseStage(nn.Sequential):
 class GatedStage(nn.Module):
     """A mixture of experts, a norm, dropout: ``drop(norm(moe(x)))``, or with ``residual``
     ``drop(norm(x + moe(x)))`` (the MoE as a residual feed-forward block; needs ``d == h``).
+    A ``shared`` expert (DeepSeekMoE's shared-expert isolation) sees every input and is added
+    to the routed experts' output: ``moe(x) + shared(x)``.
 
     ``[b, d] -> StageOutput([b, h], aux, stats)``.
     """
@@ -59,11 +61,13 @@ class GatedStage(nn.Module):
         norm_layer: type[nn.Module] | None = nn.LayerNorm,
         dropout: float = 0.0,
         residual: bool = False,
+        shared: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if residual and moe.d_in != moe.d_out:
             raise ValueError(f"residual needs d_in == d_out, got {moe.d_in} and {moe.d_out}.")
         self.moe = moe
+        self.shared = shared
         self.d_out = moe.d_out
         self.residual = residual
         self.norm = norm_layer(moe.d_out) if norm_layer is not None else nn.Identity()
@@ -71,8 +75,19 @@ class GatedStage(nn.Module):
 
     def forward(self, x: Tensor) -> StageOutput:
         out = self.moe(x)
-        y = x + out.x if self.residual else out.x
+        y = out.x if self.shared is None else out.x + self.shared(x)
+        if self.residual:
+            y = x + y
         return StageOutput(self.drop(self.norm(y)), out.aux_loss, out.stats)
 
     def extra_repr(self) -> str:
         return f"residual={self.residual}"
+
+
+def shared_expert(
+    d_in: int, hidden: int, d_out: int, act_layer: type[nn.Module], dropout: float = 0.0
+) -> nn.Sequential:
+    """A dense expert MLP ``[b, d_in] -> [b, d_out]`` through ``hidden`` units (dropout on
+    them, like the routed experts' expert dropout)."""
+    drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    return nn.Sequential(nn.Linear(d_in, hidden), act_layer(), drop, nn.Linear(hidden, d_out))
