@@ -5,10 +5,10 @@ Rule (``choose_path``): take the block path while its executed density (dummies 
 included) is at most ``_density_limit``, else masked-dense. Block-window: 0.5 (0.75 for
 blocks of 64+ units), from the fwd+bwd benchmark (4096x4096, float32, batch 256 and 2048,
 2 threads, blocks of 16..128, densities 0.05..0.75, side by side with masked-dense).
-Block-gather: ``min(0.5, s / 64)``, from a quick 1-thread side-by-side of the transposed
-gather kernel (2048x2048, batch 256 and 2048, random patterns) where it beat masked-dense up
-to density 0.375 (blocks of 16), 0.5 (32) and 0.75 (64+) — a margin kept below each
-crossover until ``neuroplex bench sparse`` measures it at full size.
+Block-gather: 0.5 for blocks of 128+ units, else 0.25, from ``neuroplex bench sparse`` (4096x4096,
+random patterns, 2 threads): at batch 2048 the gather path lost to masked-dense at density 0.5
+with blocks of 32 (1.8x) and 64 (1.14x) while winning at 0.25 and below for every block size
+(0.38-0.91x) and at 0.5 with blocks of 128 (0.69x); at batch 256 it won everywhere.
 
 Shape legend: ``g`` ensembles (blocks) per side, ``s`` block size, ``k`` input blocks per
 output block.
@@ -103,7 +103,7 @@ def _density_limit(path: str, s: int) -> float:
     masked-dense in the benchmark (module docstring)."""
     if path == "block-window":
         return 0.75 if s >= 64 else 0.5
-    return min(0.5, s / 64)  # block-gather
+    return 0.5 if s >= 128 else 0.25  # block-gather
 
 
 def checked_path(wiring: Wiring, path: str) -> str:
