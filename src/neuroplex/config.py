@@ -181,9 +181,9 @@ class AuxConfig(StrictModel):
         "of later layers; momentum: MAN, EMA copy of the next stage + learnable bias",
     )
     hidden: int = Field(128, ge=1, description="mlp: hidden width")
-    width: int = Field(32, ge=1, description="augmented: width of the copied later layers")
+    width: int = Field(56, ge=1, description="augmented: width of the copied later layers")
     max_depth: int = Field(
-        2, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly to 1"
+        3, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly to 1"
     )
     momentum: float = Field(0.995, ge=0, lt=1, description="momentum: EMA decay")
 
