@@ -59,8 +59,7 @@ def bench_moe(
     from neuroplex.bench.moe import run, table
 
     for name, values in (("--experts", experts), ("--k", k), ("--tokens", tokens)):
-        if any(v < 1 for v in values):
-            raise NeuroplexError(f"{name} {values}: every value must be at least 1")
+        check_positive(name, values)
     result = run(
         experts,
         k,
@@ -127,8 +126,7 @@ def bench_sparse(
     """SparseLinear (auto and each block path) vs masked dense, torch.sparse CSR and nn.Linear."""
     from neuroplex.bench.sparse import run, table
 
-    if any(b < 1 for b in batch):
-        raise NeuroplexError(f"--batch {batch}: every value must be at least 1")
+    check_positive("--batch", batch)
     result = run(
         width=width,
         batches=batch,
@@ -143,3 +141,9 @@ def bench_sparse(
         out=out,
     )
     print(table(result))
+
+
+def check_positive(option: str, values: list[int]) -> None:
+    """One-line error for a repeated integer option with a value below 1."""
+    if any(v < 1 for v in values):
+        raise NeuroplexError(f"{option} {values}: every value must be at least 1")
