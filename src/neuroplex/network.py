@@ -21,6 +21,7 @@ from neuroplex.config import DenseStageConfig, ModelConfig, MoEStageConfig, Spar
 from neuroplex.errors import ConfigError
 from neuroplex.layers import DenseStage, StageOutput
 from neuroplex.layers.moe import MoE
+from neuroplex.layers.params import count_parameters, masked_out
 from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
 from neuroplex.wiring import Wiring
 
@@ -76,20 +77,19 @@ class Network(nn.Module):
         return NetworkOutput(self.head(x), features, aux_loss, stats)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters that exist as connections (:func:`~neuroplex.layers.params.count_parameters`:
+        masked-out weights of sparse layers are not counted)."""
+        return count_parameters(self)
 
     def num_active_parameters(self) -> int:
         """Parameters one input uses: an MoE layer counts its router and ``k`` of its ``e``
-        experts, sparse experts only their masked-in weights (what a dense network of equal
-        active size is compared with)."""
+        experts, sparse layers and experts only their masked-in weights (what a dense network
+        of equal active size is compared with)."""
         total = self.num_parameters()
         for m in self.modules():
             if isinstance(m, MoE):
-                stored = sum(p.numel() for p in (m.w1, m.b1, m.w2, m.b2))
-                used = stored  # sparse experts use only their masked-in weights
-                if m.expert_density is not None:
-                    used -= m.n_experts * int((m.mask1 == 0).sum() + (m.mask2 == 0).sum())
-                total -= stored - used * m.k // m.n_experts
+                experts = sum(p.numel() for p in (m.w1, m.b1, m.w2, m.b2)) - masked_out(m)
+                total -= experts - experts * m.k // m.n_experts
         return total
 
 
@@ -213,7 +213,8 @@ def build_network(cfg: ModelConfig, n_features: int, n_classes: int) -> Network:
 
 
 def describe_network(model: Network, n_features: int) -> list[dict[str, Any]]:
-    """One row per stage and the head: name, output shape, parameter count."""
+    """One row per stage and the head: name, output shape, parameter count (as
+    :meth:`Network.num_parameters` counts)."""
     rows = []
     x = torch.zeros(2, n_features)
     was_training = model.training
@@ -225,7 +226,7 @@ def describe_network(model: Network, n_features: int) -> list[dict[str, Any]]:
     shapes = [f.shape[1:] for f in out.features] + [out.logits.shape[1:]]
     for i, (part, shape) in enumerate(zip(parts, shapes, strict=True)):
         name = f"stage{i}" if i < len(model.stages) else "head"
-        params = sum(p.numel() for p in part.parameters())
+        params = count_parameters(part)
         rows.append(
             {"name": name, "module": type(part).__name__, "out": list(shape), "params": params}
         )

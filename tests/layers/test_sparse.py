@@ -274,3 +274,111 @@ def test_set_wiring_refuses_other_widths():
     layer = SparseLinear(W.modular(8, 8, 2, 1))
     with pytest.raises(WiringError, match="same widths"):
         layer.set_wiring(W.dense(8, 9))
+
+
+# ---- what the layer saves for backward -----------------------------------------------------
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for ``module(x)``'s backward, leaving out
+    the module's parameters and buffers (they live anyway)."""
+    state = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in state:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    ("wiring", "path"),
+    [
+        (W.random(96, 64, 8.0, seed=0), "auto"),  # unit mask (after SET): masked-dense
+        (W.modular(96, 64, 8, 1, "ring"), "masked-dense"),
+        (W.modular(96, 64, 8, 1, "ring"), "block-window"),
+        (W.modular(96, 64, 8, 1, "random"), "block-gather"),
+    ],
+)
+@pytest.mark.parametrize("lead", [(16,), (2, 3, 5)])
+def test_saves_no_more_for_backward_than_nn_linear(wiring, path, lead):
+    layer = SparseLinear(wiring, path=path)
+    x = torch.randn(*lead, wiring.n_in, requires_grad=True)
+    linear = nn.Linear(wiring.n_in, wiring.n_out)
+    assert saved_bytes(layer, x) <= saved_bytes(linear, x)
+    if layer.path == "masked-dense":  # x only: no [n_out, n_in] product of weight and mask
+        assert saved_bytes(layer, x) == x.numel() * x.element_size()
+
+
+def test_masked_linear_gradients_equal_autograd_of_the_masked_product():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, dtype=F64, generator=gen, requires_grad=True)
+    w = torch.randn(4, 7, dtype=F64, generator=gen, requires_grad=True)
+    b = torch.randn(4, dtype=F64, generator=gen, requires_grad=True)
+    mask = (torch.rand(4, 7, generator=gen) < 0.5).to(F64)
+    kernel = sparse_kernels.MaskedLinear.apply
+    assert torch.autograd.gradcheck(lambda x, w, b: kernel(x, w, mask, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: kernel(x, w, mask, None), (x, w))
+    g = torch.randn(5, 4, dtype=F64, generator=gen)
+    ours = torch.autograd.grad(kernel(x, w, mask, b), (x, w, b), g)
+    ref = torch.autograd.grad(x @ (w * mask).t() + b, (x, w, b), g)  # autograd of (W * mask)
+    for a, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, r)
+
+
+def test_masked_dense_layer_on_leading_dims_matches_the_masked_product():
+    layer = SparseLinear(W.random(9, 6, 2.0, seed=1), dtype=F64)
+    x = torch.randn(2, 3, 9, dtype=F64, requires_grad=True)
+    y = layer(x)
+    assert layer.path == "masked-dense" and y.shape == (2, 3, 6)
+    g = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    ref_y = x @ (w * layer.mask).t() + b
+    torch.testing.assert_close(y, ref_y)
+    ref = torch.autograd.grad(ref_y, (x, w, b), g)
+    for a, r in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize(
+    ("wiring", "path", "reason"),
+    [
+        (
+            W.random(8, 8, 1.0, seed=0),
+            "auto",
+            "masked-dense: unit-level mask (not block-structured)",
+        ),
+        (
+            W.modular(40, 256, 8, 0, "random"),
+            "auto",
+            "block-window: 8 blocks of 5x32, up to 1 per output",
+        ),
+        (
+            W.modular(64, 64, 4, 1, "random"),
+            "auto",
+            "masked-dense: block-gather with blocks of 16x16 would",
+        ),
+        (
+            W.modular(64, 64, 4, 1, "random"),
+            "masked-dense",
+            "masked-dense (forced by path='masked-dense')",
+        ),
+        (
+            W.modular(64, 64, 4, 1, "random"),
+            "block-gather",
+            "block-gather: 8 blocks of 16x16, up to 2 per output ensemble (forced",
+        ),
+        (W.dense(16, 16), "auto", "dense: density 1"),
+    ],
+)
+def test_the_layer_says_which_path_it_runs_and_why(wiring, path, reason):
+    layer = SparseLinear(wiring, path=path)
+    assert layer.path_reason.startswith(reason)
+    assert f"path={layer.path_reason}" in repr(layer)
+    layer.set_wiring(W.random(wiring.n_in, wiring.n_out, 2.0, seed=3))  # a rewired unit mask
+    assert layer.path_reason == "masked-dense: unit-level mask (not block-structured)"

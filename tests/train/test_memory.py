@@ -108,3 +108,32 @@ def test_an_op_saving_its_output_off_the_backward_path_is_released():
         assert torch.equal(grad, expected)
     gc.collect()
     assert meter.current == 0 and meter.peak > 0
+
+
+class Scale(nn.Module):
+    """``x * scale``: autograd saves the ``scale`` buffer (for x's gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.full((D,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_buffers_of_the_given_modules_are_not_counted_even_once_replaced():
+    module = Scale()
+    x = torch.randn(B, D, requires_grad=True)
+    meter = ActivationMeter(modules=[module])
+    with meter.track():
+        y = module(x)
+    assert meter.current == 0  # x * scale saves only the buffer (x's gradient needs it)
+    del y
+    module.scale = torch.full((D,), 3.0)  # a rebuilt layer registers a new buffer
+    with meter.track():
+        y = module(x)
+    assert meter.current == 0
+    counted = ActivationMeter()
+    with counted.track():
+        y = module(x)
+    assert counted.current == D * 4

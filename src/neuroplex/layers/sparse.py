@@ -3,12 +3,13 @@
 Shape legend: ``b`` batch, ``n`` units (``n_in`` in, ``n_out`` out), ``g`` ensembles (blocks)
 per side, ``s`` block size (``s_in``, ``s_out``), ``k`` input blocks per output block.
 
-Paths (chosen by :func:`~neuroplex.layers.sparse_plan.choose_path`, shown by ``extra_repr``;
-kernels in neuroplex.layers.sparse_kernels):
+Paths (chosen by :func:`~neuroplex.layers.sparse_plan.choose_path`; ``path_reason`` and
+``extra_repr`` say which and why; kernels in neuroplex.layers.sparse_kernels):
 
 - ``dense``: density 1, plain ``F.linear``.
 - ``masked-dense``: ``F.linear(x, W * mask)``; unit-mask wirings, and block wirings where
-  blocks would lose (the rule in neuroplex.layers.sparse_plan).
+  blocks would lose (the rule in neuroplex.layers.sparse_plan). The product ``W * mask`` is
+  recomputed in backward rather than saved, so the layer saves no more than ``nn.Linear``.
 - ``block-window``: every output ensemble reads ``k`` consecutive input ensembles of one cyclic
   ensemble order, starting at its own (``modular`` "ring" and "shuffle"). Laid out in that
   order and extended cyclically, the inputs of each output form one overlapping strided
@@ -41,10 +42,10 @@ from neuroplex.layers.sparse_plan import (
     PATHS,
     Blocks,
     block_plan,
-    checked_path,
     choose_path,
     columns,
     fan_in,
+    resolve_path,
 )
 from neuroplex.wiring import Wiring, WiringError
 
@@ -77,16 +78,19 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = wiring.n_in, wiring.n_out
         self.weight = nn.Parameter(torch.empty(0, **factory))
         self.bias = nn.Parameter(torch.empty(wiring.n_out, **factory)) if bias else None
-        self._build(wiring, checked_path(wiring, path))
+        self._build(wiring, path)
         self.reset_parameters()
 
     # ---- structure -----------------------------------------------------------------------
-    def _build(self, wiring: Wiring, path: str) -> None:
-        """Set ``wiring``, ``path``, every structure buffer and the weight's layout (values
-        uninitialised); buffers of a previous structure are dropped."""
+    def _build(self, wiring: Wiring, requested: str) -> None:
+        """Set ``wiring``, ``path`` (from the ``requested`` one), ``path_reason``, every
+        structure buffer and the weight's layout (values uninitialised); buffers of a previous
+        structure are dropped."""
+        path, reason = resolve_path(wiring, requested)
         for name in [n for n in self._buffers if n in _STRUCTURE]:
             delattr(self, name)
         self.wiring, self.path, self.blocks = wiring, path, None
+        self.path_reason = reason
         device, dtype = self.weight.device, self.weight.dtype
         fan = torch.as_tensor(fan_in(wiring), dtype=dtype).to(device)
         self.register_buffer("fan_in", fan, persistent=False)
@@ -145,11 +149,17 @@ class SparseLinear(nn.Module):
                 f"{self.in_features} -> {self.out_features}; rewire with the same widths."
             )
         full = self.to_dense(self.weight.detach())  # keeps the old storage alive
-        self._build(wiring, checked_path(wiring, path))
+        self._build(wiring, path)
         self.weight.data = self.from_dense(full)
         self.weight.grad = None  # a gradient in the old layout means nothing now
 
     # ---- weights -------------------------------------------------------------------------
+    def num_connections(self) -> int:
+        """Weights that exist: the wiring's unit-level connections. The stored ``weight`` may
+        hold more entries (the full ``[n_out, n_in]`` matrix on masked-dense, padding and dummy
+        blocks on block paths), but those are held at zero and never trained."""
+        return int(fan_in(self.wiring).sum())
+
     def _gather_blocks(self, full: Tensor) -> Tensor:
         """Padded ``[g_out*s_out, g_in*s_in]`` -> the weight's layout; dummy blocks zeroed."""
         g = self.geo
@@ -242,7 +252,7 @@ class SparseLinear(nn.Module):
         )
         if self.blocks is not None:
             text += f"block={self.geo['s_in']}x{self.geo['s_out']}{' (padded)' * self.padded}, "
-        return text + f"bias={self.bias is not None}, path={self.path}"
+        return text + f"bias={self.bias is not None}, path={self.path_reason}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         error_msgs = args[-1]

@@ -23,20 +23,26 @@ def _windows(t: Tensor, g: int, width: int, step: int, offset: int = 0) -> Tenso
 
 
 class MaskedLinear(torch.autograd.Function):
-    """``F.linear(x, weight * mask, bias)`` that masks the weight gradient in place
-    (one ``[n_out, n_in]`` temporary fewer than autograd's version)."""
+    """``F.linear(x, weight * mask, bias)`` for ``x [b, n_in]``, ``weight`` and ``mask``
+    ``[n_out, n_in]`` (``mask`` 0/1 in the weight's dtype).
+
+    Saves only ``x`` besides the layer's own ``weight`` and ``mask``: the product
+    ``weight * mask`` is a temporary of forward and is recomputed in backward, never kept
+    between the two, so the layer holds no more for backward than ``nn.Linear`` of its shape
+    (autograd's ``F.linear(x, weight * mask)`` would keep the ``[n_out, n_in]`` product alive).
+    The weight gradient is masked in place.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None) -> Tensor:
-        masked = weight * mask
-        ctx.save_for_backward(x, masked, mask)
-        return F.linear(x, masked, bias)
+        ctx.save_for_backward(x, weight, mask)
+        return F.linear(x, weight * mask, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, masked, mask = ctx.saved_tensors
-        grad_x = grad.mm(masked) if ctx.needs_input_grad[0] else None
+        x, weight, mask = ctx.saved_tensors
+        grad_x = grad.mm(weight * mask) if ctx.needs_input_grad[0] else None
         grad_w = grad.t().mm(x).mul_(mask) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, None, grad_b

@@ -85,17 +85,50 @@ def block_plan(wiring: Wiring, window: bool) -> Blocks | None:
 
 def choose_path(wiring: Wiring) -> str:
     """The path ``SparseLinear(path="auto")`` takes for ``wiring`` (see the module docstring)."""
+    return _auto(wiring)[0]
+
+
+def resolve_path(wiring: Wiring, requested: str = "auto") -> tuple[str, str]:
+    """The path ``wiring`` runs on given the layer's ``path`` argument ``requested``, and why:
+    e.g. ``"block-gather: 8 blocks of 5x32, 1 per output ensemble"`` or ``"masked-dense:
+    unit-level mask (not block-structured)"`` (a forced path says so)."""
+    path = checked_path(wiring, requested)
+    if requested == "auto":
+        return _auto(wiring)
+    forced = f"(forced by path={requested!r})"
+    if path.startswith("block"):
+        return (
+            path,
+            f"{_blocks_text(path, block_plan(wiring, window=path == 'block-window'))} {forced}",
+        )
+    return path, f"{path} {forced}"
+
+
+def _auto(wiring: Wiring) -> tuple[str, str]:
+    """``(path, reason)`` of the "auto" rule (module docstring)."""
     if wiring.density == 1.0:
-        return "dense"
+        return "dense", "dense: density 1"
     if not wiring.is_block:
-        return "masked-dense"
+        return "masked-dense", "masked-dense: unit-level mask (not block-structured)"
     blocks = block_plan(wiring, window=True)
     path = "block-gather" if blocks is None else "block-window"
     blocks = blocks or block_plan(wiring, window=False)
     work = len(blocks.block_in) * blocks.s_in * blocks.s_out  # dummies and padding included
     executed = work / (wiring.n_in * wiring.n_out)
     limit = _density_limit(path, min(blocks.s_in, blocks.s_out))
-    return path if executed <= limit else "masked-dense"
+    size = f"{blocks.s_in}x{blocks.s_out}"
+    if executed > limit:
+        return "masked-dense", (
+            f"masked-dense: {path} with blocks of {size} would execute density {executed:.3g}, "
+            f"above {limit}, where masked-dense measured faster"
+        )
+    return path, _blocks_text(path, blocks)
+
+
+def _blocks_text(path: str, blocks: Blocks) -> str:
+    real = int((blocks.block_in >= 0).sum())  # dummies left out
+    size = f"{blocks.s_in}x{blocks.s_out}"
+    return f"{path}: {real} blocks of {size}, up to {blocks.k} per output ensemble"
 
 
 def _density_limit(path: str, s: int) -> float:

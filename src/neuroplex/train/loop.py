@@ -95,7 +95,7 @@ def run_epochs(
     """Epochs of ``epoch_fn`` (default :func:`run_epoch`; the pipeline plugs in its own), with
     metrics, checkpoints and the summary."""
     epoch_fn = epoch_fn or run_epoch
-    meter = ActivationMeter(p for m in s.method.modules() for p in m.parameters())
+    meter = ActivationMeter(modules=s.method.modules())
     meter.peak = state.activation_peak
     last_epoch = (
         s.total_epochs if stop_after_epoch is None else min(stop_after_epoch, s.total_epochs)

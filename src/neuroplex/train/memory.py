@@ -2,7 +2,8 @@
 
 Every tensor autograd saves for the backward pass goes through ``pack``; the meter counts its
 storage once (a tensor saved by two ops, or a view of a saved tensor, is not double counted) and
-leaves parameters out (they live anyway). The packed handle decrements the count when autograd
+leaves the model's parameters and buffers out (they live anyway: a sparse layer's mask saved for
+its backward is no activation). The packed handle decrements the count when autograd
 frees it, so ``current`` follows the graph's life and ``peak`` is the high-water mark — exactly the
 memory local learning saves by freeing each stage's graph early.
 """
@@ -15,7 +16,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class _Saved:
@@ -38,10 +39,13 @@ class ActivationMeter:
         exclude: tensors whose storage is never counted (the model's parameters); their
             storage is looked up again at every :meth:`track`, so a parameter whose data was
             replaced (rewiring) stays excluded.
+        modules: modules whose parameters and buffers are never counted, looked up at every
+            :meth:`track` (rewiring replaces a layer's buffers).
     """
 
-    def __init__(self, exclude: Iterable[Tensor] = ()) -> None:
+    def __init__(self, exclude: Iterable[Tensor] = (), modules: Iterable[nn.Module] = ()) -> None:
         self._exclude = list(exclude)
+        self._modules = list(modules)
         self._excluded: set[int] = set()
         self._live: dict[int, list[int]] = {}  # storage key -> [bytes, references]
         self.current = 0
@@ -53,7 +57,8 @@ class ActivationMeter:
     @contextmanager
     def track(self):
         """Count every tensor saved for backward inside this block."""
-        self._excluded = {_storage_key(t) for t in self._exclude}
+        state = [t for m in self._modules for t in (*m.parameters(), *m.buffers())]
+        self._excluded = {_storage_key(t) for t in (*self._exclude, *state)}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
 
