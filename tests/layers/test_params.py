@@ -106,7 +106,8 @@ def test_count_follows_the_masks_of_a_pruned_ticket():
         [
             "name=tiny",
             "data.name=digits",
-            "model.stages=[{kind: dense, width: 32}, {kind: sparse, width: 16, ensembles: 4, m: 1}]",
+            "model.stages=[{kind: dense, width: 32}, "
+            "{kind: sparse, width: 16, ensembles: 4, m: 1}]",
         ],
     )
     model = build_setup(cfg).model
