@@ -261,6 +261,25 @@ def test_config_show_model_prints_the_stage_table(trained):
     assert f"{trained.summary['params']:,}" in table  # the total row matches the trained model
 
 
+def test_config_show_and_summary_count_the_connections_of_a_rewired_sparse_network(tmp_path):
+    sparse = {
+        **TINY,
+        "model": {"stages": [{"kind": "sparse", "width": 32, "ensembles": 4, "m": 1}]},
+        "train": {**TINY["train"], "plasticity": {"kind": "set", "every": 5, "fraction": 0.3}},
+    }
+    config = tmp_path / "sparse.yaml"
+    config.write_text(yaml.safe_dump(sparse, sort_keys=False), encoding="utf-8")
+    result = invoke("train", config, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert (tmp_path / "run" / "plasticity.jsonl").stat().st_size > 0  # SET rewired the layer
+    # 64 -> 32 at density 1/2 (+ bias, LayerNorm), then the 32 -> 10 head
+    expected = 64 * 32 // 2 + 32 + 2 * 32 + 32 * 10 + 10
+    assert summary["params"] == summary["active_params"] == expected
+    shown = invoke("config", "show", config, "--model")
+    assert re.search(rf"total\W+{expected:,}\b", shown.stdout), shown.stdout
+
+
 def test_datasets_lists_the_builtin_datasets():
     result = invoke("datasets")
     assert result.exit_code == 0, result.output

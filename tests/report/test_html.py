@@ -167,3 +167,11 @@ def test_a_baseline_without_a_design_says_so():
     assert "<td>dense</td><td>dense</td><td>2</td><td>0.100</td><td>no design</td>" in page
     page = baseline_section(analysed("a", {"kind": "dense"}), analysed("b", {"kind": "dense"}))
     assert "Neither run has a stage with designed ensembles" in page
+
+
+def test_the_wiring_section_says_how_each_sparse_layer_runs(report_path):
+    page = report_path.read_text(encoding="utf-8")
+    analysis = json.loads((report_path.parent / "analysis.json").read_text(encoding="utf-8"))
+    (row,) = analysis["sparse_layers"]
+    assert row["text"].startswith("stages.0.0.linear: ")
+    assert f"Execution paths: {row['text']}</p>" in page

@@ -12,14 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroplex.analysis.execution import execution_paths
 from neuroplex.analysis.functional import stage_activations, stage_report
 from neuroplex.analysis.pathnorm import path_norm
 from neuroplex.analysis.routing import routing_analysis
 from neuroplex.analysis.similarity import cka_matrix
 from neuroplex.analysis.structure import structure_report
 from neuroplex.errors import NeuroplexError
-from neuroplex.files import atomic_write, atomic_write_json
+from neuroplex.files import atomic_write, atomic_write_json, read_jsonl
 from neuroplex.layers.stages import SparseStage
+from neuroplex.train.checkpoint import load_checkpoint
+from neuroplex.train.rundir import PLASTICITY_LOG
 from neuroplex.train.runs import load_run
 
 
@@ -32,10 +35,19 @@ def probe_batch(run_dir: Path, probe: int, which: str):
     return s, test.x[:probe], test.y[:probe]
 
 
+def rewiring_events(run_dir: Path, which: str) -> list[dict[str, Any]]:
+    """The run's plasticity events up to the ``which`` checkpoint (those its weights saw)."""
+    path = run_dir / PLASTICITY_LOG
+    if not path.exists():
+        return []
+    step = load_checkpoint(run_dir, which).state["loop"]["step"]
+    return [e for e in read_jsonl(path) if e["step"] <= step]
+
+
 def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") -> dict[str, Any]:
     """Functional connectivity, communities, dead units per stage; CKA between stages;
-    path-norms; structure vs function of sparse stages; MoE routing. Saves analysis.json and
-    analysis.npz in the run dir."""
+    path-norms; structure vs function of sparse stages; MoE routing; each sparse layer's
+    execution path and why. Saves analysis.json and analysis.npz in the run dir."""
     run_dir = Path(run_dir)
     s, x, y = probe_batch(run_dir, probe, which)
     acts = stage_activations(s.model, x)
@@ -55,6 +67,7 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") 
         "cka_between_stages": cka.tolist(),
         "path_norm": _path_norms(s.model),
         "routing": routing,
+        "sparse_layers": execution_paths(s.model, rewiring_events(run_dir, which)),
     }
     atomic_write_json(run_dir / "analysis.json", result)
     atomic_write(run_dir / "analysis.npz", lambda p: _savez(p, arrays))

@@ -241,6 +241,8 @@ def analyze(
     out.print(table)
     if result["path_norm"] is not None:
         print(f"path-norm: L1 {result['path_norm']['l1']:.4g}  L2 {result['path_norm']['l2']:.4g}")
+    for row in result["sparse_layers"]:
+        print(f"sparse layer {row['text']}")
     _print_structure_and_routing(result)
     print(f"wrote {run_dir / 'analysis.json'} and {run_dir / 'analysis.npz'}")
 

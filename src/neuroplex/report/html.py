@@ -123,9 +123,10 @@ def wiring_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> s
             )
     if not figs:
         return ""
+    paths = "; ".join(r["text"] for r in analysis.get("sparse_layers", []))
     return section(
         "Wiring",
-        f'<div class="figs">{"".join(figs)}</div>',
+        f'<div class="figs">{"".join(figs)}</div><p>Execution paths: {html.escape(paths)}</p>',
         "Ensembles of each sparse stage (dots) and the blocks that connect them, layer by "
         "layer: line opacity = fraction of the block's links present, width = mean |weight|.",
     )
