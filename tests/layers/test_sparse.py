@@ -345,34 +345,24 @@ def test_masked_dense_layer_on_leading_dims_matches_the_masked_product():
         torch.testing.assert_close(a, r)
 
 
+QUARTERS = W.modular(64, 64, 4, 1, "random")  # blocks of 16 at density 0.5: auto runs masked-dense
+REASONS = {
+    "unit": "masked-dense: unit-level mask (not block-structured)",
+    "window": "block-window: 8 blocks of 5x32, up to 1 per output",
+    "too dense": "masked-dense: block-gather with blocks of 16x16 would",
+    "forced": "masked-dense (forced by path='masked-dense')",
+    "gather": "block-gather: 8 blocks of 16x16, up to 2 per output ensemble (forced",
+}
+
+
 @pytest.mark.parametrize(
     ("wiring", "path", "reason"),
     [
-        (
-            W.random(8, 8, 1.0, seed=0),
-            "auto",
-            "masked-dense: unit-level mask (not block-structured)",
-        ),
-        (
-            W.modular(40, 256, 8, 0, "random"),
-            "auto",
-            "block-window: 8 blocks of 5x32, up to 1 per output",
-        ),
-        (
-            W.modular(64, 64, 4, 1, "random"),
-            "auto",
-            "masked-dense: block-gather with blocks of 16x16 would",
-        ),
-        (
-            W.modular(64, 64, 4, 1, "random"),
-            "masked-dense",
-            "masked-dense (forced by path='masked-dense')",
-        ),
-        (
-            W.modular(64, 64, 4, 1, "random"),
-            "block-gather",
-            "block-gather: 8 blocks of 16x16, up to 2 per output ensemble (forced",
-        ),
+        (W.random(8, 8, 1.0, seed=0), "auto", REASONS["unit"]),
+        (W.modular(40, 256, 8, 0, "random"), "auto", REASONS["window"]),
+        (QUARTERS, "auto", REASONS["too dense"]),
+        (QUARTERS, "masked-dense", REASONS["forced"]),
+        (QUARTERS, "block-gather", REASONS["gather"]),
         (W.dense(16, 16), "auto", "dense: density 1"),
     ],
 )
