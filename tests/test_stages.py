@@ -120,10 +120,10 @@ def test_moe_stage_with_sparse_experts_trains(tmp_path):
     assert moe.expert_density == pytest.approx(0.5)  # 4 ensembles, own + 1 other
     net = build_network(cfg.model, n_features=64, n_classes=10)
     weights = 4 * 2 * 32 * 16  # w1 and w2 of 4 experts, half of them masked out
-    assert (
-        net.num_active_parameters()
-        == net.num_parameters() - weights // 2 - (weights // 2 + 4 * (16 + 32)) // 2
-    )  # then k=2 of the 4 experts
+    stored = sum(p.numel() for p in net.parameters())
+    assert net.num_parameters() == stored - weights // 2  # masked-out weights are not parameters
+    experts = weights // 2 + 4 * (16 + 32)  # existing expert weights and biases
+    assert net.num_active_parameters() == net.num_parameters() - experts // 2  # k=2 of 4
     assert train(cfg, tmp_path / "run")["test_acc"] > 0.5
 
 
