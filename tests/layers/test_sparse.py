@@ -313,6 +313,16 @@ def test_saves_no_more_for_backward_than_nn_linear(wiring, path, lead):
         assert saved_bytes(layer, x) == x.numel() * x.element_size()
 
 
+@pytest.mark.parametrize("path", ["block-window", "block-gather"])
+def test_padded_block_paths_save_only_the_padded_input(path):
+    wiring = W.modular(13, 11, 3, 1, "ring")  # ensembles of 5, 4, 4 -> 4, 4, 3 units
+    layer = SparseLinear(wiring, path=path)
+    assert layer.padded
+    x = torch.randn(6, 13, requires_grad=True)
+    padded_input = 6 * 3 * 5 * 4  # [b, g_in * s_in] float32: no weight-sized product saved
+    assert saved_bytes(layer, x) == padded_input
+
+
 def test_masked_linear_gradients_equal_autograd_of_the_masked_product():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 7, dtype=F64, generator=gen, requires_grad=True)

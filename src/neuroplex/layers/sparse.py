@@ -24,7 +24,8 @@ Paths (chosen by :func:`~neuroplex.layers.sparse_plan.choose_path`; ``path_reaso
 Both block paths store ``weight [g_out, k*s_in, s_out]``: rows ``t*s_in:(t+1)*s_in`` of
 ``weight[q]`` are the block from input ensemble ``block_in[q*k+t]`` to output ensemble
 ``block_out[q*k+t]`` (``-1``: a dummy). Unequal ensemble sizes are zero-padded to the largest
-size per side; padded and dummy weight entries are masked to zero.
+size per side; padded and dummy weight entries are masked to zero inside the kernels (the
+masked weight is recomputed in backward, not saved).
 
 Rewiring (:meth:`SparseLinear.set_wiring`) rebuilds the path, the index buffers and the weight
 layout in place; the ``weight`` Parameter object stays the same, so optimizers keep tracking it.
@@ -168,10 +169,6 @@ class SparseLinear(nn.Module):
         blocks = blocks * (self.block_in >= 0).view(-1, 1, 1)
         return blocks.reshape(g["g_out"], g["k"] * g["s_in"], g["s_out"])
 
-    def _block_weight(self) -> Tensor:
-        """``weight`` with padded and dummy entries zeroed."""
-        return self.weight if self.pad_mask is None else self.weight * self.pad_mask
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Uniform in ``±1/sqrt(fan_in)`` per output unit (0 for units with no input)."""
@@ -232,7 +229,9 @@ class SparseLinear(nn.Module):
         """Block paths, ``[b, n_in] -> [b, n_out]``; pads unequal ensembles to ``s`` units."""
         g, bias = self.geo, self.bias
         if self.padded:  # [b, n_in] -> [b, g_in*s_in], zeros in the padding
-            x = x.new_zeros(x.shape[0], g["g_in"] * g["s_in"]).index_copy(1, self.in_cols, x)
+            padded = x.new_zeros(x.shape[0], g["g_in"] * g["s_in"])
+            padded[:, self.in_cols] = x  # index_put saves no copy of x (index_copy would)
+            x = padded
             if bias is not None:
                 bias = bias.new_zeros(g["g_out"] * g["s_out"]).index_copy(0, self.out_cols, bias)
         if self.path == "block-window":
@@ -240,8 +239,8 @@ class SparseLinear(nn.Module):
             kernel = WindowMatmul
         else:
             names, kernel = ("gather",), GatherMatmul
-        geo = g | {name: getattr(self, name) for name in names}
-        y = kernel.apply(x, self._block_weight(), bias, geo)
+        geo = g | {name: getattr(self, name) for name in (*names, "pad_mask")}
+        y = kernel.apply(x, self.weight, bias, geo)
         return y.index_select(1, self.out_cols) if self.padded else y  # [b, n_out]
 
     def extra_repr(self) -> str:

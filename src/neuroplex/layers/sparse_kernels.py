@@ -48,6 +48,18 @@ class MaskedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b
 
 
+def _masked(weight: Tensor, geo: dict) -> Tensor:
+    """The block weight with padded and dummy entries zeroed (``geo["pad_mask"]``, None when
+    there are none): a temporary, recomputed in backward rather than saved."""
+    pad = geo["pad_mask"]
+    return weight if pad is None else weight * pad
+
+
+def _masked_grad(grad_w: Tensor, geo: dict) -> Tensor:
+    pad = geo["pad_mask"]
+    return grad_w if pad is None else grad_w.mul_(pad)
+
+
 def _blocks_of(t: Tensor, index: Tensor, s: int) -> Tensor:
     """Blocks ``index`` of ``t [b, g*s]``, concatenated: ``[b, len(index)*s]``."""
     return t.view(t.shape[0], -1, s).index_select(1, index).view(t.shape[0], -1)
@@ -67,6 +79,7 @@ class WindowMatmul(torch.autograd.Function):
         g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
         ctx.save_for_backward(x, weight)
         ctx.geo = geo
+        weight = _masked(weight, geo)
         win = _windows(_blocks_of(x, geo["ext_in"], s_in), g, k * s_in, s_in)  # [g, b, k*s_in]
         bias = None if bias is None else bias.view(g, 1, s_out).index_select(0, geo["order"])
         y = torch.bmm(win, weight) if bias is None else torch.baddbmm(bias, win, weight)
@@ -78,6 +91,7 @@ class WindowMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         geo = ctx.geo
         g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
+        weight = _masked(weight, geo)
         # ge: grad columns by output position q-k+1 .. g-1 (cyclic), [b, (g+k-1)*s_out]
         ge = _blocks_of(grad.contiguous(), geo["ext_out"], s_out)
         grad_x = grad_w = grad_b = None
@@ -89,7 +103,7 @@ class WindowMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             win = _windows(_blocks_of(x, geo["ext_in"], s_in), g, k * s_in, s_in)
             grad_y = _windows(ge, g, s_out, s_out, offset=(k - 1) * s_out)  # [g, b, s_out]
-            grad_w = torch.bmm(win.transpose(1, 2), grad_y)
+            grad_w = _masked_grad(torch.bmm(win.transpose(1, 2), grad_y), geo)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -127,6 +141,7 @@ class GatherMatmul(torch.autograd.Function):
         xt = x.t().contiguous()  # [g_in*s_in, b]
         ctx.save_for_backward(xt, weight)
         ctx.geo = geo
+        weight = _masked(weight, geo)
         yt = x.new_empty(g_out, s_out, b)
         w_t = weight.transpose(1, 2)  # [g_out, s_out, k*s_in]
         for j0, j1, blocks in _gather_t(xt, geo["gather"], s_in):
@@ -143,6 +158,7 @@ class GatherMatmul(torch.autograd.Function):
         xt, weight = ctx.saved_tensors
         geo = ctx.geo
         b, g_out, s_out = xt.shape[1], geo["g_out"], geo["s_out"]
+        weight = _masked(weight, geo)
         grad = grad.contiguous()
         go = grad.view(b, g_out, s_out)
         grad_x = _grad_input(go, weight, geo) if ctx.needs_input_grad[0] else None
@@ -152,6 +168,7 @@ class GatherMatmul(torch.autograd.Function):
             for j0, j1, blocks in _gather_t(xt, geo["gather"], geo["s_in"]):
                 # [c, k*s_in, b] @ [c, b, s_out]: the gradient as a strided view
                 torch.bmm(blocks, go[:, j0:j1].transpose(0, 1), out=grad_w[j0:j1])
+            grad_w = _masked_grad(grad_w, geo)
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
