@@ -27,6 +27,10 @@ def test_each_sparse_layer_says_its_path_why_and_what_rewired_it():
         "1: masked-dense: unit-level mask (not block-structured), "
         "after 3 set rewiring events (steps 200-600)"
     )
+    (once,) = execution_paths(model[1:], [{"step": 200, "layer": "1", "kind": "rigl"}])
+    assert once["text"].endswith(
+        "unit-level mask (not block-structured), after 1 rigl rewiring event (step 200)"
+    )
 
 
 def test_analyze_reports_paths_with_the_events_of_the_loaded_checkpoint(tmp_path):

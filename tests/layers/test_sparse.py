@@ -362,7 +362,13 @@ REASONS = {
     "too dense": "masked-dense: block-gather with blocks of 16x16 would",
     "forced": "masked-dense (forced by path='masked-dense')",
     "gather": "block-gather: 8 blocks of 16x16, up to 2 per output ensemble (forced",
+    "dummies": "masked-dense: block-gather with blocks of 8x8 would execute density 0.375 "
+    "(7 dummy blocks pad unequal fan-in to 3), above 0.25",
 }
+# 8 ensembles of 8, fan-in 3 for one output ensemble and 2 for the others (Hebbian can leave it)
+UNEQUAL_FAN_IN = W.hypergraph(
+    [8] * 8, [8] * 8, [([0, 1, 2], 0)] + [([j, (j + 1) % 8], j) for j in range(1, 8)]
+)
 
 
 @pytest.mark.parametrize(
@@ -374,6 +380,7 @@ REASONS = {
         (QUARTERS, "masked-dense", REASONS["forced"]),
         (QUARTERS, "block-gather", REASONS["gather"]),
         (W.dense(16, 16), "auto", "dense: density 1"),
+        (UNEQUAL_FAN_IN, "auto", REASONS["dummies"]),
     ],
 )
 def test_the_layer_says_which_path_it_runs_and_why(wiring, path, reason):

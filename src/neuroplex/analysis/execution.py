@@ -43,9 +43,9 @@ def describe_execution(row: dict[str, Any]) -> str:
     unit-level mask (not block-structured), after 14 set rewiring events (steps 200-2800)``."""
     text = f"{row['layer']}: {row['reason']}"
     r = row["rewired"]
-    if r is not None:
-        text += (
-            f", after {r['events']} {r['kind']} rewiring events "
-            f"(steps {r['first_step']}-{r['last_step']})"
-        )
-    return text
+    if r is None:
+        return text
+    if r["events"] == 1:
+        return text + f", after 1 {r['kind']} rewiring event (step {r['first_step']})"
+    steps = f"steps {r['first_step']}-{r['last_step']}"
+    return text + f", after {r['events']} {r['kind']} rewiring events ({steps})"

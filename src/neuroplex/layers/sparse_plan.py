@@ -118,9 +118,11 @@ def _auto(wiring: Wiring) -> tuple[str, str]:
     limit = _density_limit(path, min(blocks.s_in, blocks.s_out))
     size = f"{blocks.s_in}x{blocks.s_out}"
     if executed > limit:
+        dummies = int((blocks.block_in < 0).sum())
+        pads = f" ({dummies} dummy blocks pad unequal fan-in to {blocks.k})" if dummies else ""
         return "masked-dense", (
-            f"masked-dense: {path} with blocks of {size} would execute density {executed:.3g}, "
-            f"above {limit}, where masked-dense measured faster"
+            f"masked-dense: {path} with blocks of {size} would execute density {executed:.3g}"
+            f"{pads}, above {limit}, where masked-dense measured faster"
         )
     return path, _blocks_text(path, blocks)
 
