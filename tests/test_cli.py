@@ -419,3 +419,15 @@ def test_analyze_prints_structure_vs_function_and_routing(tmp_path):
         ],
     )
     assert biased.exit_code == 0 and json.loads(biased.stdout)["estimator"] == "biased"
+
+
+def test_report_reanalyses_an_analysis_of_an_older_format(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained.run, run)
+    old = {"probe": 10, "stages": [], "cka_between_stages": []}  # written before CKA baselines
+    (run / "analysis.json").write_text(json.dumps(old))
+    result = invoke("report", run, "--probe", "50")
+    assert result.exit_code == 0, result.output
+    analysis = read_json(run / "analysis.json")
+    assert analysis["probe"] == 50 and analysis["cka_estimator"] == "debiased"
+    assert "rows of the second representation shuffled" in (run / "report.html").read_text()

@@ -77,6 +77,8 @@ def test_report_is_one_self_contained_page_with_every_section(report_path):
     # wiring, structure, load, routing matrix, entropy; run and baseline by designed ensemble
     assert page.count("<figcaption") == 7
     assert "&lt;x&gt;" in page  # table cells escaped
+    exits = json.loads((report_path.parent / "exits.json").read_text())
+    assert f"(best checkpoint); all stages {100 * exits['full']['acc']:.2f}%" in page
 
 
 def test_a_run_without_sparse_or_moe_stages_gets_no_wiring_structure_or_routing_section():
@@ -264,7 +266,7 @@ def plasticity_run(**extra):
         "cross_fraction_end": 0.4,
     }
     report = {"kind": "set", "events": 2, "steps": [5, 10], "layers": [layer], **extra}
-    return {"probe": 10, "plasticity": report}
+    return {"probe": 10, "checkpoint": "best", "plasticity": report}
 
 
 def test_the_plasticity_section_shows_events_density_and_links_across_modules():
@@ -273,6 +275,7 @@ def test_the_plasticity_section_shows_events_density_and_links_across_modules():
     assert "set rewired 1 layer(s) at 2 steps, 5 to 10" in page
     assert "50 connections swapped, density 0.500 → 0.500" in page
     assert "links between different ensembles 25% → 40%" in page
+    assert "<th>links between ensembles (best checkpoint)</th>" in page
     assert "<td>64 of 512</td>" in page
 
 

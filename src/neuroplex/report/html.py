@@ -123,7 +123,8 @@ def plasticity_section(analysis: dict[str, Any]) -> str:
     layers = [row for row in report["layers"] if "steps" in row]
     if not layers:
         return section("Plasticity", "", caption)
-    header = ["layer", "events", "swapped", "density", "links between ensembles (checkpoint)"]
+    at = f"links between ensembles ({analysis['checkpoint']} checkpoint)"
+    header = ["layer", "events", "swapped", "density", at]
     rows = [
         [
             row["layer"],

@@ -201,9 +201,9 @@ def plasticity_figure(layers: list[dict[str, Any]], kind: str) -> Figure:
         ax_cross.plot(steps, cross, marker="o", ms=3, label=row["layer"])
     ax_swap.set(xlabel="step", ylabel="connections swapped", title=f"{kind} events")
     ax_density.set(xlabel="step", ylabel="density after the event", title="density")
-    ax_density.set_ylim(bottom=0)
     ax_cross.set(xlabel="step", ylabel="links between ensembles (%)", title="links across modules")
-    ax_cross.set_ylim(bottom=0)
+    for ax in (ax_density, ax_cross):
+        ax.set_ylim(0, 1.15 * ax.get_ylim()[1])  # from 0, the top point clear of the frame
     for ax in (ax_swap, ax_density, ax_cross):
         ax.grid(alpha=0.3)
     ax_swap.legend(fontsize=7)
