@@ -1,8 +1,9 @@
 """Representation similarity: linear CKA (Kornblith et al. 2019) with two HSIC estimators.
 
 - ``debiased`` (the default): the unbiased HSIC U-statistic of Song et al. (2012), as in
-  Kornblith et al.'s ``feature_space_linear_cka(..., debiased=True)`` and the minibatch CKA of
-  Nguyen et al. (2021). Its expectation is 0 for independent representations at any ``n``.
+  Kornblith et al.'s ``feature_space_linear_cka(..., debiased=True)``; Nguyen et al. (2021)
+  average the same statistic over minibatches, here the whole probe is one batch. HSIC's
+  estimate is 0 in expectation for independent representations at any ``n``.
 - ``biased``: the plug-in HSIC ``tr(KHLH) / (n-1)^2`` of Kornblith et al. (2019, eq. 2). It is
   far from 0 for unrelated data when the feature count is not small against ``n`` (two
   independent 256-d Gaussian probes of 1000 samples give 0.20; ``n`` 30, ``d`` 100 give
@@ -67,10 +68,12 @@ def shuffled_cka(x: np.ndarray, y: np.ndarray, estimator: str = "debiased", seed
     """The shuffled-rows baseline: mean CKA of ``x [n, d1]`` with ``y [n, d2]`` under
     :data:`SHUFFLES` random row permutations of ``y`` (seeded): what the estimator gives for
     these two representations when the samples no longer correspond."""
+    norm = hsic(x, x, estimator) * hsic(y, y, estimator)  # a row permutation leaves it as is
+    if norm <= 0:
+        return 0.0
     rng = np.random.default_rng(seed)
-    return float(
-        np.mean([linear_cka(x, y[rng.permutation(len(y))], estimator) for _ in range(SHUFFLES)])
-    )
+    cross = [hsic(x, y[rng.permutation(len(y))], estimator) for _ in range(SHUFFLES)]
+    return float(np.mean(cross) / np.sqrt(norm))
 
 
 def cka_matrix(a: list[np.ndarray], b: list[np.ndarray], estimator: str = "debiased") -> np.ndarray:
