@@ -145,7 +145,11 @@ def test_train_stdout_names_run_dir_and_summary(trained):
     lines = trained.stdout.splitlines()
     assert f"run dir: {trained.run}" in lines
     assert f"summary: {trained.run / 'summary.json'}" in lines
-    assert f"status: completed  test_acc: {trained.summary['test_acc']:.4f}" in lines
+    s = trained.summary
+    assert (
+        f"status: completed  test acc (final epoch): {s['test_acc']:.4f}  test acc (best val "
+        f"checkpoint, epoch {s['best_epoch']}): {s['test_acc_at_best_val']:.4f}"
+    ) in lines
 
 
 @pytest.mark.parametrize("name", ["run[bold]x", "r" * 90], ids=["markup", "long"])
@@ -354,6 +358,16 @@ USER_ERRORS = [
         id="eval-corrupted-checkpoint",
     ),
     pytest.param(
+        lambda tmp, t: ["compare", t.run, t.run, "--cka", "unbiased"],
+        ["--cka 'unbiased'", "debiased, biased"],
+        id="compare-bad-cka",
+    ),
+    pytest.param(
+        lambda tmp, t: ["analyze", t.run, "--probe", "3"],
+        ["--probe 3", "debiased CKA", "at least 4"],
+        id="analyze-probe-too-small-for-debiased-cka",
+    ),
+    pytest.param(
         lambda tmp, t: ["report", t.run, "--baseline", tmp / "nowhere"],
         ["--baseline {tmp}/nowhere", "not a finished run"],
         id="report-bad-baseline",
@@ -406,3 +420,33 @@ def test_analyze_prints_structure_vs_function_and_routing(tmp_path):
         r"stage 0: structure vs function, Spearman rho (-?\d\.\d\d|n/a)", result.stdout
     )
     assert re.search(r"stage 1 routing: expert-class MI \d\.\d{3} bits", result.stdout)
+    assert re.search(
+        r"debiased CKA between consecutive stages: -?\d\.\d\d \(shuffled-rows baseline "
+        r"\|CKA\| <= \d\.\d\d\)",
+        result.stdout,
+    )
+    biased = RUNNER.invoke(
+        app,
+        [
+            "compare",
+            str(tmp_path / "run"),
+            str(tmp_path / "run"),
+            "--cka",
+            "biased",
+            "--probe",
+            "50",
+        ],
+    )
+    assert biased.exit_code == 0 and json.loads(biased.stdout)["estimator"] == "biased"
+
+
+def test_report_reanalyses_an_analysis_of_an_older_format(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained.run, run)
+    old = {"probe": 10, "stages": [], "cka_between_stages": []}  # written before CKA baselines
+    (run / "analysis.json").write_text(json.dumps(old))
+    result = invoke("report", run, "--probe", "50")
+    assert result.exit_code == 0, result.output
+    analysis = read_json(run / "analysis.json")
+    assert analysis["probe"] == 50 and analysis["cka_estimator"] == "debiased"
+    assert "rows of the second representation shuffled" in (run / "report.html").read_text()

@@ -216,3 +216,14 @@ def test_missing_file_and_corrupt_unit_mask(tmp_path):
     data["unit_mask"]["packbits"] = data["unit_mask"]["packbits"][:-4]
     with pytest.raises(WiringError, match="unit_mask must be"):
         Wiring.from_json(json.dumps(data))
+
+
+def test_cross_links_count_the_unit_links_between_different_ensembles():
+    assert W.modular(16, 8, 4, 0).cross_links == 0  # block diagonal: no link between modules
+    assert W.modular(16, 8, 4, 1).cross_links == 4 * 2 * 4  # one 2x4 foreign block per output
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, 0] = mask[0, 3] = mask[3, 1] = mask[2, 2] = True  # ensembles {0,1} and {2,3}
+    w = Wiring((2, 2), (2, 2), unit_mask=mask)
+    assert w.cross_links == 2  # (out 0, in 3) and (out 3, in 1)
+    assert W.dense(4, 4).cross_links is None  # one ensemble per side: no modules to cross
+    assert Wiring((2, 2), (4,), unit_mask=np.ones((4, 4), bool)).cross_links is None

@@ -72,3 +72,22 @@ def test_stage_activations_do_not_change_the_model():
     again = stage_activations(model, torch.randn(20, 5).zero_() + 1)
     assert model.training and acts[0].shape == (20, 8) and again[0].dtype == np.float64
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_block_contrast_is_mean_abs_corr_inside_vs_between_designed_ensembles():
+    acts, designed = planted_blocks(groups=3, size=4)
+    report = stage_report(acts, designed)
+    corr = np.abs(np.corrcoef(acts.T))
+    inside, between = [], []
+    for g in range(3):
+        units = np.flatnonzero(designed == g)
+        inside.append(np.mean([corr[i, j] for i in units for j in units if i != j]))
+        for h in range(3):
+            if h != g:
+                between.append(corr[np.ix_(units, np.flatnonzero(designed == h))].mean())
+    contrast = report["design_contrast"]
+    assert np.isclose(contrast["inside"], np.mean(inside))
+    assert np.isclose(contrast["outside"], np.mean(between))
+    assert contrast["inside"] > 0.8 > 0.2 > contrast["outside"]
+    assert report["community_contrast"]["inside"] > 0.8  # communities = the planted blocks
+    assert "design_contrast" not in stage_report(acts, None)

@@ -71,6 +71,8 @@ def test_planted_routing_gives_mi_equal_to_class_entropy_through_the_real_stage_
     assert report["load"][perm] == pytest.approx(class_p)
     assert report["load_entropy_bits"] == pytest.approx(entropy_bits(class_p))
     assert 0 < report["token_entropy_bits"] < 0.5 * report["max_entropy_bits"]  # confident
+    assert report["top_share_max"] == 1.0 and report["classes_with_majority_expert"] == C
+    assert (report["load_max"], report["load_min"]) == (class_p.max(), class_p.min())
 
 
 def test_routing_independent_of_class_has_near_zero_mi_and_uniform_gates_max_entropy():

@@ -21,6 +21,11 @@ def test_analyze_writes_json_and_npz_and_leaves_the_checkpoint_alone(run_dir):
     assert all(st["communities"] >= 1 and -0.5 <= st["modularity"] <= 1 for st in result["stages"])
     cka = np.array(result["cka_between_stages"])
     assert np.allclose(np.diag(cka), 1.0) and np.allclose(cka, cka.T)
+    assert result["cka_estimator"] == "debiased" and result["cka_adjacent"] == [cka[0, 1]]
+    shuffled = np.array(result["cka_shuffled_between_stages"])
+    assert shuffled.shape == (2, 2) and np.abs(shuffled).max() < 0.2 < cka[0, 1]
+    assert result["cka_shuffled_max_abs"] == np.abs(shuffled).max()
+    assert result["plasticity"] is None  # no train.plasticity, no plasticity.jsonl
     assert result["path_norm"]["l1"] > 0 and result["path_norm"]["l2"] > 0
     assert json.loads((run_dir / "analysis.json").read_text())["probe"] == 200
     arrays = np.load(run_dir / "analysis.npz")
@@ -28,9 +33,12 @@ def test_analyze_writes_json_and_npz_and_leaves_the_checkpoint_alone(run_dir):
     assert (run_dir / "checkpoints" / "index.json").read_text() == before
 
 
-def test_compare_a_run_with_itself_gives_cka_one_on_the_diagonal(run_dir):
-    result = compare_runs(run_dir, run_dir, probe=100)
+@pytest.mark.parametrize("estimator", ["debiased", "biased"])
+def test_compare_a_run_with_itself_gives_cka_one_on_the_diagonal(run_dir, estimator):
+    result = compare_runs(run_dir, run_dir, probe=100, cka=estimator)
     assert np.allclose(np.diag(np.array(result["cka"])), 1.0)
+    assert result["estimator"] == estimator and np.array(result["cka_shuffled"]).shape == (2, 2)
+    assert np.all(np.diag(np.array(result["cka_shuffled"])) < 0.99)
 
 
 def test_compare_refuses_runs_on_different_data(run_dir, tiny_config, tmp_path):

@@ -97,6 +97,12 @@ def test_stage_structure_reports_link_fraction_and_mass_per_layer():
         assert np.array_equal(layer["links"], expected)
         assert np.all((layer["mass"] > 0) == (expected > 0))
     assert np.allclose(np.diag(graphs["wiring"]), 1.0)
+    summary = structure_report(stage, np.eye(G))["layer_links"]
+    for row, w in zip(summary, (b.linear.wiring for b in stage), strict=True):
+        own = sum(1 for i, j in w.block_pairs if i == j)
+        assert row["pairs"] == G * G and row["linked_pairs"] == len(w.block_pairs) == G * 2
+        assert row["links"] == len(w.block_pairs) * S * S
+        assert row["cross_links"] == (len(w.block_pairs) - own) * S * S == G * S * S
 
 
 def test_analyze_a_sparse_modular_run_saves_structure_vs_function(tmp_path):

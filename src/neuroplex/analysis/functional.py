@@ -1,7 +1,8 @@
 """Functional connectivity of a trained network: how its units co-activate on a probe set.
 
 Unit-level correlation per stage, ensemble-level correlation, communities (Louvain on |corr|),
-their agreement with designed ensembles (NMI, ARI), and dead units.
+their agreement with designed ensembles (NMI, ARI), block contrast (mean |corr| inside vs
+between communities and designed ensembles), and dead units.
 Shape legend: ``n`` probe samples, ``d`` units, ``g`` ensembles.
 """
 
@@ -69,6 +70,18 @@ def ensemble_correlation(corr: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def block_contrast(ensemble_corr: np.ndarray) -> dict[str, float | None]:
+    """Mean |corr| inside groups (the diagonal of ``ensemble_corr [g, g]``) and between them
+    (off the diagonal; None with a single group): how bright the diagonal blocks of a
+    correlation heat map ordered by these groups are against the rest."""
+    g = len(ensemble_corr)
+    inside = float(np.trace(ensemble_corr) / g)
+    outside = (
+        float((ensemble_corr.sum() - np.trace(ensemble_corr)) / (g * (g - 1))) if g > 1 else None
+    )
+    return {"inside": inside, "outside": outside}
+
+
 def communities(corr: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
     """Louvain communities of the graph weighted by |corr| (no self-loops).
 
@@ -113,8 +126,10 @@ def stage_report(acts: np.ndarray, designed: np.ndarray | None, seed: int = 0) -
         **dead_units(acts),
         "labels": labels,
         "corr": corr,
+        "community_contrast": block_contrast(ensemble_correlation(corr, labels)),
     }
     if designed is not None:
         report.update(agreement(labels, designed))
         report["ensemble_corr"] = ensemble_correlation(corr, designed)
+        report["design_contrast"] = block_contrast(report["ensemble_corr"])
     return report

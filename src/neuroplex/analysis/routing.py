@@ -79,7 +79,9 @@ def routing_report(route: RouterOutput, y: np.ndarray, n_classes: int) -> dict[s
     current ``k_eff``, which exceeds its final ``k`` before the end of its schedule). The MI
     is the plug-in estimate, biased up by about ``(e-1)(c-1) / (2 n ln 2)`` bits.
     Arrays (``load [e]``, ``routing [e, c]`` counts, ``routing_frac [e, c]`` = P(expert |
-    class)) are returned under those keys next to the scalars.
+    class)) are returned under those keys next to the scalars, among them the extremes of the
+    load, the largest cell of ``routing_frac`` and the classes whose top expert takes more
+    than half of them.
     """
     indices = route.indices.cpu().numpy()
     probs = route.probs.double().cpu().numpy()
@@ -89,8 +91,10 @@ def routing_report(route: RouterOutput, y: np.ndarray, n_classes: int) -> dict[s
     per_class = joint.sum(axis=0, keepdims=True)  # [1, c]
     class_entropy = float(entropy_bits(per_class[0] / per_class.sum()))
     mi = mutual_information_bits(joint)
+    frac = np.divide(joint, per_class, out=np.zeros(joint.shape), where=per_class > 0)
     return {
         "experts": n_experts,
+        "classes": n_classes,
         "k": int(indices.shape[1]),
         "mi_bits": mi,
         "class_entropy_bits": class_entropy,
@@ -100,7 +104,11 @@ def routing_report(route: RouterOutput, y: np.ndarray, n_classes: int) -> dict[s
         "max_entropy_bits": float(np.log2(n_experts)),
         "load": load,
         "routing": joint,
-        "routing_frac": np.divide(joint, per_class, out=np.zeros(joint.shape), where=per_class > 0),
+        "routing_frac": frac,
+        "load_max": float(load.max()),
+        "load_min": float(load.min()),
+        "top_share_max": float(frac.max()),
+        "classes_with_majority_expert": int((frac.max(axis=0) > 0.5).sum()),
     }
 
 

@@ -6,6 +6,7 @@ Writes ``analysis.json`` (scalars and tables) and ``analysis.npz`` (matrices) in
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ import torch
 from neuroplex.analysis.execution import execution_paths
 from neuroplex.analysis.functional import stage_activations, stage_report
 from neuroplex.analysis.pathnorm import path_norm
+from neuroplex.analysis.plasticity import plasticity_report
 from neuroplex.analysis.routing import routing_analysis
-from neuroplex.analysis.similarity import cka_matrix
+from neuroplex.analysis.similarity import check_estimator, cka_matrix, shuffled_matrix
 from neuroplex.analysis.structure import structure_report
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write, atomic_write_json, read_jsonl
@@ -24,6 +26,8 @@ from neuroplex.layers.stages import SparseStage
 from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.rundir import PLASTICITY_LOG
 from neuroplex.train.runs import load_run
+
+FORMAT = 2  # of analysis.json; older files lack what the report needs (CKA baseline, captions)
 
 
 def probe_batch(run_dir: Path, probe: int, which: str):
@@ -44,11 +48,15 @@ def rewiring_events(run_dir: Path, which: str) -> list[dict[str, Any]]:
     return [e for e in read_jsonl(path) if e["step"] <= step]
 
 
-def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") -> dict[str, Any]:
-    """Functional connectivity, communities, dead units per stage; CKA between stages;
-    path-norms; structure vs function of sparse stages; MoE routing; each sparse layer's
-    execution path and why. Saves analysis.json and analysis.npz in the run dir."""
+def analyze_run(
+    run_dir: str | Path, *, probe: int = 1000, which: str = "best", cka: str = "debiased"
+) -> dict[str, Any]:
+    """Functional connectivity, communities, dead units per stage; CKA between stages (``cka``
+    estimator, with its shuffled-rows baseline); path-norms; structure vs function of sparse
+    stages; MoE routing; each sparse layer's execution path and why; what plasticity did.
+    Saves analysis.json and analysis.npz in the run dir."""
     run_dir = Path(run_dir)
+    check_estimator(cka, probe)
     s, x, y = probe_batch(run_dir, probe, which)
     acts = stage_activations(s.model, x)
     arrays: dict[str, np.ndarray] = {}
@@ -56,34 +64,71 @@ def analyze_run(run_dir: str | Path, *, probe: int = 1000, which: str = "best") 
     for i, (stage, a) in enumerate(zip(s.model.stages, acts, strict=True)):
         report = _stage(i, stage, a, s.cfg.seed, arrays)
         stages.append({"stage": i, "kind": s.cfg.model.stages[i].kind, **report})
-    cka = cka_matrix(acts, acts)
-    arrays["cka"] = cka
+    similarity = _cka(acts, acts, cka, s.cfg.seed)
+    arrays["cka"], arrays["cka_shuffled"] = similarity["cka"], similarity["cka_shuffled"]
     routing = _routing(s, x, y, arrays)
+    kind = s.cfg.train.plasticity.kind if s.cfg.train.plasticity is not None else None
     result = {
+        "format": FORMAT,
         "run_dir": str(run_dir),
         "checkpoint": which,
         "probe": len(x),
         "stages": stages,
-        "cka_between_stages": cka.tolist(),
+        "cka_estimator": cka,
+        "cka_between_stages": similarity["cka"].tolist(),
+        "cka_shuffled_between_stages": similarity["cka_shuffled"].tolist(),
+        "cka_adjacent": [float(similarity["cka"][i, i + 1]) for i in range(len(acts) - 1)],
+        "cka_shuffled_max_abs": float(np.abs(similarity["cka_shuffled"]).max()),
         "path_norm": _path_norms(s.model),
         "routing": routing,
         "sparse_layers": execution_paths(s.model, rewiring_events(run_dir, which)),
+        "plasticity": plasticity_report(run_dir, s.model, kind),
     }
     atomic_write_json(run_dir / "analysis.json", result)
     atomic_write(run_dir / "analysis.npz", lambda p: _savez(p, arrays))
     return result
 
 
+def is_current(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds an analysis.json of the current format."""
+    path = Path(run_dir) / "analysis.json"
+    return path.exists() and json.loads(path.read_text()).get("format") == FORMAT
+
+
 def compare_runs(
-    run_a: str | Path, run_b: str | Path, *, probe: int = 1000, which: str = "best"
+    run_a: str | Path,
+    run_b: str | Path,
+    *,
+    probe: int = 1000,
+    which: str = "best",
+    cka: str = "debiased",
 ) -> dict[str, Any]:
-    """Linear CKA between every stage of run A and every stage of run B on the same inputs."""
+    """Linear CKA (``cka`` estimator) between every stage of run A and every stage of run B on
+    the same inputs, and its shuffled-rows baseline."""
+    check_estimator(cka, probe)
     sa, x, _ = probe_batch(Path(run_a), probe, which)
     sb, xb, _ = probe_batch(Path(run_b), probe, which)
     if sa.cfg.data != sb.cfg.data or not torch.equal(x, xb):
         raise NeuroplexError(f"{run_a} and {run_b} were trained on different data; CKA needs both")
-    cka = cka_matrix(stage_activations(sa.model, x), stage_activations(sb.model, x))
-    return {"run_a": str(run_a), "run_b": str(run_b), "probe": len(x), "cka": cka.tolist()}
+    similarity = _cka(
+        stage_activations(sa.model, x), stage_activations(sb.model, x), cka, sa.cfg.seed
+    )
+    return {
+        "run_a": str(run_a),
+        "run_b": str(run_b),
+        "checkpoint": which,
+        "probe": len(x),
+        "estimator": cka,
+        **{key: matrix.tolist() for key, matrix in similarity.items()},
+    }
+
+
+def _cka(a: list[np.ndarray], b: list[np.ndarray], estimator: str, seed: int):
+    """CKA ``[len(a), len(b)]`` between two lists of stage outputs and its shuffled baseline."""
+    return {
+        "cka": cka_matrix(a, b, estimator),
+        "cka_shuffled": shuffled_matrix(a, b, estimator, seed),
+    }
 
 
 def _stage(i: int, stage, acts: np.ndarray, seed: int, arrays: dict[str, np.ndarray]):

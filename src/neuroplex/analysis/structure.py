@@ -105,11 +105,25 @@ def stage_structure(stage: SparseStage) -> dict[str, Any]:
     }
 
 
+def layer_links(wiring: Wiring, links: np.ndarray) -> dict[str, Any]:
+    """What a layer's wiring drawing shows, as numbers: ensemble pairs possible and linked
+    (``links [g_out, g_in]`` > 0), unit links, density and links between different ensembles
+    (:attr:`Wiring.cross_links`, None when the sides' ensembles differ in number)."""
+    return {
+        "pairs": int(links.size),
+        "linked_pairs": int((links > 0).sum()),
+        "links": int(wiring.to_mask().sum()),
+        "density": wiring.density,
+        "cross_links": wiring.cross_links,
+    }
+
+
 def structure_report(stage: SparseStage, ensemble_corr: np.ndarray) -> dict[str, Any]:
     """Structure vs function for one sparse stage, ``ensemble_corr [g, g]`` its functional
     ensemble graph. Scalars under ``from_weights`` / ``from_wiring``; arrays under
     ``structure`` ``[g, g]``, ``pairs_structure`` and ``pairs_function`` ``[g(g-1)/2]``, and
-    ``layers`` (see :func:`stage_structure`)."""
+    ``layers`` (see :func:`stage_structure`); per layer :func:`layer_links` under
+    ``layer_links``."""
     graphs = stage_structure(stage)
     return {
         "from_weights": structure_function(graphs["weights"], ensemble_corr),
@@ -118,4 +132,8 @@ def structure_report(stage: SparseStage, ensemble_corr: np.ndarray) -> dict[str,
         "pairs_structure": upper_pairs(graphs["weights"]),
         "pairs_function": upper_pairs(ensemble_corr),
         "layers": graphs["layers"],
+        "layer_links": [
+            layer_links(w, layer["links"])
+            for w, layer in zip(stage_wirings(stage), graphs["layers"], strict=True)
+        ],
     }

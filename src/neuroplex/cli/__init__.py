@@ -33,6 +33,15 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 out = Console(highlight=False)
 
+CHECKPOINT_HELP = "best (highest validation accuracy) | last (final epoch)"
+CkaOption = Annotated[
+    str,
+    typer.Option(
+        "--cka",
+        help="CKA estimator: debiased (unbiased HSIC, ~0 for unrelated data) | biased "
+        "(Kornblith et al.'s plug-in HSIC, > 0 for unrelated data at finite n)",
+    ),
+]
 SetOption = Annotated[
     Optional[list[str]],  # noqa: UP045 (typer needs Optional here on Python 3.10)
     typer.Option("--set", help="override a config value: --set train.lr=3e-3 (repeatable)"),
@@ -88,7 +97,11 @@ def train(
         return  # under torchrun, rank 0 reports
     print(f"run dir: {target}")
     print(f"summary: {target / 'summary.json'}")
-    print(f"status: {summary['status']}  test_acc: {_fmt(summary['test_acc'])}")
+    print(
+        f"status: {summary['status']}  test acc (final epoch): {_fmt(summary['test_acc'])}  "
+        f"test acc (best val checkpoint, epoch {summary['best_epoch']}): "
+        f"{_fmt(summary['test_acc_at_best_val'])}"
+    )
 
 
 def resume_config(run_dir: Path, config: Path | None, overrides: list[str] | None):
@@ -122,7 +135,7 @@ def default_run_dir(output_dir: Path, name: str) -> Path:
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     split: Annotated[str, typer.Option(help="test | val | train")] = "test",
-    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "best",
     exits: Annotated[
         bool,
         typer.Option(
@@ -146,7 +159,8 @@ def eval_cmd(
 def print_exits(report: dict) -> None:
     full = report["full"]
     title = (
-        f"early exit on {report['split']}: all {report['stages']} stages = "
+        f"early exit on {report['split']} ({report['checkpoint']} checkpoint): all "
+        f"{report['stages']} stages = "
         f"{100 * full['acc']:.2f}% (per stage: "
         + ", ".join(f"{100 * a:.1f}" for a in report["per_stage_acc"])
         + ")"
@@ -217,14 +231,16 @@ def datasets() -> None:
 def analyze(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
     probe: Annotated[int, typer.Option(help="test samples to probe with")] = 1000,
-    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    checkpoint: Annotated[str, typer.Option(help=CHECKPOINT_HELP)] = "best",
+    cka: CkaOption = "debiased",
 ) -> None:
     """Functional connectivity, communities, CKA between stages, path-norms, structure vs
-    function of sparse stages and MoE routing of a run."""
+    function of sparse stages, MoE routing and plasticity of a run."""
     from neuroplex.analysis.run import analyze_run
 
-    result = analyze_run(run_dir, probe=probe, which=checkpoint)
-    table = Table(title=escape(f"functional analysis of {run_dir} ({result['probe']} probes)"))
+    result = analyze_run(run_dir, probe=probe, which=checkpoint, cka=cka)
+    title = f"functional analysis of {run_dir} ({checkpoint} checkpoint, {result['probe']} probes)"
+    table = Table(title=escape(title))
     for column in ("stage", "kind", "units", "communities", "modularity", "NMI", "dead"):
         table.add_column(column)
     for st in result["stages"]:
@@ -243,6 +259,11 @@ def analyze(
         print(f"path-norm: L1 {result['path_norm']['l1']:.4g}  L2 {result['path_norm']['l2']:.4g}")
     for row in result["sparse_layers"]:
         print(f"sparse layer {row['text']}")
+    adjacent = ", ".join(f"{v:.2f}" for v in result["cka_adjacent"]) or "n/a"
+    print(
+        f"{result['cka_estimator']} CKA between consecutive stages: {adjacent} "
+        f"(shuffled-rows baseline |CKA| <= {result['cka_shuffled_max_abs']:.2f})"
+    )
     _print_structure_and_routing(result)
     print(f"wrote {run_dir / 'analysis.json'} and {run_dir / 'analysis.npz'}")
 
@@ -269,11 +290,13 @@ def compare(
     run_a: Annotated[Path, typer.Argument(help="first run directory")],
     run_b: Annotated[Path, typer.Argument(help="second run directory")],
     probe: Annotated[int, typer.Option(help="test samples to probe with")] = 1000,
+    cka: CkaOption = "debiased",
 ) -> None:
-    """Linear CKA between the stages of two runs (e.g. backprop vs local); prints JSON."""
+    """Linear CKA between the stages of two runs (e.g. backprop vs local), best checkpoints,
+    with its shuffled-rows baseline; prints JSON."""
     from neuroplex.analysis.run import compare_runs
 
-    print(json.dumps(compare_runs(run_a, run_b, probe=probe), indent=2))
+    print(json.dumps(compare_runs(run_a, run_b, probe=probe, cka=cka), indent=2))
 
 
 @app.command()
@@ -295,8 +318,9 @@ def report(
         int, typer.Option(help="test samples for the analysis, if not yet run")
     ] = 1000,
 ) -> None:
-    """Write RUN_DIR/report.html: one self-contained page (runs `analyze` first if needed)."""
-    from neuroplex.analysis.run import analyze_run
+    """Write RUN_DIR/report.html: one self-contained page (runs `analyze` first when a run has
+    no analysis of the current format)."""
+    from neuroplex.analysis.run import analyze_run, is_current
     from neuroplex.report.html import write_report
 
     if not (run_dir / "summary.json").is_file():
@@ -307,7 +331,7 @@ def report(
         if not path.is_file():
             raise NeuroplexError(f"--bench {path}: file not found")
     for path in (run_dir, baseline):
-        if path is not None and not (path / "analysis.json").exists():
+        if path is not None and not is_current(path):
             analyze_run(path, probe=probe)
     print(f"report: {write_report(run_dir, bench, baseline)}")
 
@@ -353,7 +377,8 @@ def prune(
     from neuroplex.train.prune import prune_run
 
     rows = prune_run(run_dir, rounds, rate, rewind_epoch, progress=default_progress)
-    table = Table("round", "sparsity", "weights", "test acc", "run dir", title="lottery tickets")
+    columns = ("round", "sparsity", "weights", "test acc (final epoch)", "run dir")
+    table = Table(*columns, title="lottery tickets")
     for row in rows:
         acc = "n/a" if row["test_acc"] is None else f"{100 * row['test_acc']:.1f}%"
         sparsity = f"{100 * row['sparsity']:.1f}%"

@@ -1,9 +1,10 @@
 """The baseline section of ``neuroplex report RUN --baseline OTHER``: do the functional
 communities of each run recover its designed ensembles?
 
-Side by side for every stage that has designed ensembles in either run: communities, modularity,
-NMI and ARI against the design, and both unit-correlation heat maps ordered by designed ensemble.
-It renders the two runs' analysis files; it computes nothing.
+Both runs' test accuracy (best validation checkpoint and final epoch), then side by side for
+every stage that has designed ensembles in either run: communities, modularity, NMI and ARI
+against the design, and both unit-correlation heat maps ordered by designed ensemble, each
+captioned with its block contrast. It renders the two runs' files; it computes nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from neuroplex.report import plots
-from neuroplex.report.blocks import figure, section, table
+from neuroplex.report import captions, plots
+from neuroplex.report.blocks import figure, fmt, section, table
 
 CAPTION = (
     "Does each run work as its designed modules? Louvain communities of the unit correlation "
@@ -21,16 +22,22 @@ CAPTION = (
     "A modular stage should score high; its dense twin (same units, same groups, every ensemble "
     "wired to every other) should not."
 )
-HEATMAP_CAPTION = "Bright blocks on the diagonal: each designed ensemble co-activates as a module."
+ACCURACY = {  # column -> summary.json key
+    "test acc (final epoch)": "test_acc",
+    "test acc (best val checkpoint)": "test_acc_at_best_val",
+    "best val acc": "best_val_acc",
+}
 HEADER = ["stage", "run", "kind", "communities", "modularity Q", "NMI vs design", "ARI vs design"]
 
 
 class Analysed(NamedTuple):
-    """One run's analysis files: its name, ``analysis.json`` and the ``analysis.npz`` arrays."""
+    """One run's files: its name, ``analysis.json``, the ``analysis.npz`` arrays and
+    ``summary.json``."""
 
     name: str
     analysis: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    summary: dict[str, Any] | None = None
 
 
 def designed_stages(run: Analysed, base: Analysed) -> list[int]:
@@ -57,15 +64,28 @@ def heatmap(stage: int, run: Analysed) -> str:
     nmi = run.analysis["stages"][stage]["nmi"]
     title = f"{run.name}, stage {stage}: NMI {nmi:.2f}"
     fig = plots.correlation_heatmap(corr, designed, title, grouping="designed ensemble")
-    return figure(fig, HEATMAP_CAPTION)
+    return figure(
+        fig, captions.designed_heatmap(run.analysis["stages"][stage].get("design_contrast"))
+    )
+
+
+def accuracy(runs: tuple[Analysed, ...]) -> str:
+    """Both runs' test accuracy, each figure named by its checkpoint ('' without summaries)."""
+    keys = ACCURACY.values()
+    rows = [
+        [r.name, *(fmt(r.summary.get(k), percent=True) for k in keys)] for r in runs if r.summary
+    ]
+    return table(["run", *ACCURACY], rows) if rows else ""
 
 
 def baseline_section(run: Analysed, base: Analysed) -> str:
     """The side-by-side section of ``run`` and its baseline ``base``."""
     stages = designed_stages(run, base)
     title = "Communities vs designed ensembles: against the baseline"
+    scores = accuracy((run, base))
     if not stages:
-        return section(title, "<p>Neither run has a stage with designed ensembles.</p>", CAPTION)
+        body = scores + "<p>Neither run has a stage with designed ensembles.</p>"
+        return section(title, body, CAPTION)
     rows = [row(i, r) for i in stages for r in (run, base)]
     figs = "".join(heatmap(i, r) for i in stages for r in (run, base))
-    return section(title, table(HEADER, rows) + f'<div class="figs">{figs}</div>', CAPTION)
+    return section(title, scores + table(HEADER, rows) + f'<div class="figs">{figs}</div>', CAPTION)

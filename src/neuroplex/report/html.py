@@ -2,7 +2,8 @@
 
 Inline CSS, plots as embedded PNG, no network access. It renders the files the run directory
 holds (config.yaml, metrics.jsonl, summary.json, analysis.json/.npz, exits.json) and benchmark
-tables; it computes nothing.
+tables; it computes nothing. Captions are written from the numbers of the plot they describe
+(neuroplex.report.captions).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from neuroplex.files import atomic_write_text, read_jsonl
-from neuroplex.report import plots
+from neuroplex.report import captions, plots
 from neuroplex.report.baseline import Analysed, baseline_section
 from neuroplex.report.blocks import figure, fmt, image, section, table
 
@@ -45,8 +46,10 @@ def markdown_table(text: str) -> str:
 
 
 def overview(summary: dict[str, Any]) -> str:
+    best = f"test acc (best val checkpoint, epoch {summary.get('best_epoch')})"
     kpis = [
-        ("test accuracy", fmt(summary.get("test_acc"), percent=True)),
+        ("test acc (final epoch)", fmt(summary.get("test_acc"), percent=True)),
+        (best, fmt(summary.get("test_acc_at_best_val"), percent=True)),
         ("best val accuracy", fmt(summary.get("best_val_acc"), percent=True)),
         ("parameters", fmt(summary.get("params"))),
         ("activation memory", f"{summary.get('activation_bytes_peak', 0) / 2**20:.2f} MiB"),
@@ -83,17 +86,9 @@ def analysis_sections(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -
     out = section(
         "Functional connectivity",
         body,
-        f"Correlation of unit activations on {analysis['probe']} test inputs, units ordered by "
-        "Louvain community. Look for bright diagonal blocks: units that work as modules. "
-        "NMI compares the communities with the designed ensembles (1 = function follows wiring).",
+        captions.communities(analysis["probe"], analysis["stages"]),
     )
-    cka = np.array(analysis["cka_between_stages"])
-    out += section(
-        "Representation similarity",
-        image(plots.matrix_heatmap(cka, "linear CKA between stages", "stage", "stage")),
-        "Linear CKA between stage outputs: 1 = the same representation up to rotation and scale. "
-        "A fast fall-off means each stage transforms its input substantially.",
-    )
+    out += section("Representation similarity", cka_figures(analysis), captions.cka(analysis))
     if analysis.get("path_norm"):
         pn = analysis["path_norm"]
         out += section(
@@ -105,6 +100,45 @@ def analysis_sections(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -
     return out
 
 
+def cka_figures(analysis: dict[str, Any]) -> str:
+    """The CKA matrix between stages beside its shuffled-rows baseline."""
+    estimator = analysis["cka_estimator"]
+    matrices = [
+        ("cka_between_stages", f"linear CKA ({estimator}) between stages"),
+        ("cka_shuffled_between_stages", "shuffled-rows baseline"),
+    ]
+    figs = [
+        image(plots.matrix_heatmap(np.array(analysis[key]), title, "stage", "stage"))
+        for key, title in matrices
+    ]
+    return f'<div class="figs">{"".join(figs)}</div>'
+
+
+def plasticity_section(analysis: dict[str, Any]) -> str:
+    """Events over time, density and links across modules ('' for a run without plasticity)."""
+    report = analysis.get("plasticity")
+    if report is None:
+        return ""
+    caption = captions.plasticity(report)
+    layers = [row for row in report["layers"] if "steps" in row]
+    if not layers:
+        return section("Plasticity", "", caption)
+    at = f"links between ensembles ({analysis['checkpoint']} checkpoint)"
+    header = ["layer", "events", "swapped", "density", at]
+    rows = [
+        [
+            row["layer"],
+            len(row["steps"]),
+            f"{row['swapped']:,}",
+            f"{row['density_end']:.3f}",
+            fmt(row["checkpoint"]["cross_links"]) + f" of {row['checkpoint']['links']:,}",
+        ]
+        for row in layers
+    ]
+    fig = image(plots.plasticity_figure(layers, report["kind"]))
+    return section("Plasticity", table(header, rows) + fig, caption)
+
+
 def wiring_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     figs = []
     for st in analysis["stages"]:
@@ -114,13 +148,7 @@ def wiring_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> s
             mass.append(arrays[f"stage{i}.layer{len(mass)}.mass"])
         if links:
             fig = plots.wiring_drawing(links, mass, f"stage {i} (sparse): ensemble wiring")
-            figs.append(
-                figure(
-                    fig,
-                    "Look for the designed modules: each ensemble should feed few others, "
-                    "through thick lines (large trained weights).",
-                )
-            )
+            figs.append(figure(fig, captions.wiring(st["structure"]["layer_links"])))
     if not figs:
         return ""
     paths = "; ".join(r["text"] for r in analysis.get("sparse_layers", []))
@@ -146,9 +174,7 @@ def structure_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -
         fig = plots.structure_scatter(
             arrays[f"stage{i}.pairs_structure"], arrays[f"stage{i}.pairs_function"], title
         )
-        figs.append(
-            figure(fig, "Dots rising to the right: ensembles that share input also co-activate.")
-        )
+        figs.append(figure(fig, captions.structure(weights)))
     if not rows:
         return ""
     header = ["stage", "ensemble pairs", "Spearman rho (weights)", "p", "rho (wiring only)"]
@@ -200,15 +226,12 @@ def routing_figures(report: dict[str, Any], arrays: dict[str, np.ndarray]) -> st
         [
             figure(
                 plots.load_bars(arrays[f"stage{i}.load"], f"stage {i}: load per expert"),
-                "Bars near the dashed line: balanced experts; a tall bar is an overloaded one.",
+                captions.load(report),
             ),
-            figure(
-                heatmap,
-                "One bright cell per column: each class has its own expert (experts specialise).",
-            ),
+            figure(heatmap, captions.routing_matrix(report)),
             figure(
                 plots.entropy_bars(report, f"stage {i}: routing entropy"),
-                "Low gate entropy = confident routing; load entropy near log2(experts) = balanced.",
+                captions.entropy(report),
             ),
         ]
     )
@@ -221,7 +244,8 @@ def read_analysis(run_dir: Path) -> Analysed | None:
     analysis = json.loads((run_dir / "analysis.json").read_text())
     with np.load(run_dir / "analysis.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}
-    return Analysed(run_dir.name, analysis, arrays)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return Analysed(run_dir.name, analysis, arrays, summary)
 
 
 def render(run_dir: Path, bench: list[Path] | None = None, baseline: Path | None = None) -> str:
@@ -235,29 +259,15 @@ def render(run_dir: Path, bench: list[Path] | None = None, baseline: Path | None
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if rows:
         fig = plots.learning_curves(rows, f"{run_dir.name} ({summary.get('method')})")
-        parts.append(
-            section(
-                "Learning curves",
-                image(fig),
-                "Loss and accuracy per epoch. A widening gap between train and validation "
-                "means overfitting; the best checkpoint is the epoch of highest validation "
-                "accuracy.",
-            )
-        )
+        parts.append(section("Learning curves", image(fig), captions.learning_curves(summary)))
     if analysed is not None:
-        for build in (wiring_section, analysis_sections, structure_section, routing_section):
+        parts.append(wiring_section(analysed.analysis, analysed.arrays))
+        parts.append(plasticity_section(analysed.analysis))
+        for build in (analysis_sections, structure_section, routing_section):
             parts.append(build(analysed.analysis, analysed.arrays))
     if (run_dir / "exits.json").exists():
         exits = json.loads((run_dir / "exits.json").read_text())
-        parts.append(
-            section(
-                "Early exit",
-                image(plots.exits_figure(exits)),
-                "Accuracy against mean stages executed for the confidence-threshold and "
-                "learned-gate policies: up and to the left is better; the dotted line is one "
-                "point below running every stage.",
-            )
-        )
+        parts.append(section("Early exit", image(plots.exits_figure(exits)), captions.exits(exits)))
     for path in bench or []:
         parts.append(section(f"Benchmark: {path.stem}", markdown_table(path.read_text())))
     config = (run_dir / "config.yaml").read_text()

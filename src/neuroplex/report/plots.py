@@ -30,7 +30,8 @@ def save_png(fig: Figure, path: Path) -> None:
 
 
 def learning_curves(rows: list[dict[str, Any]], title: str) -> Figure:
-    """Loss and accuracy per epoch for the train, validation and test splits."""
+    """Loss and accuracy of the train, validation and test splits at the end of each epoch,
+    against the optimizer step (x axis in steps)."""
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for split, label in (("train", "train"), ("val", "validation"), ("test", "test")):
@@ -184,5 +185,27 @@ def structure_scatter(structural: np.ndarray, functional: np.ndarray, title: str
         ylabel="function: mean |correlation|",
     )
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plasticity_figure(layers: list[dict[str, Any]], kind: str) -> Figure:
+    """Per rewired layer, against the step of each event: connections swapped, density, and
+    the fraction of links between different ensembles (when the log records it)."""
+    fig, (ax_swap, ax_density, ax_cross) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for row in layers:
+        steps = row["steps"]
+        ax_swap.plot(steps, row["pruned"], marker="o", ms=3, label=row["layer"])
+        ax_density.plot(steps, row["density"], marker="o", ms=3, label=row["layer"])
+        cross = [np.nan if c is None else 100 * c for c in row["cross_fraction"]]
+        ax_cross.plot(steps, cross, marker="o", ms=3, label=row["layer"])
+    ax_swap.set(xlabel="step", ylabel="connections swapped", title=f"{kind} events")
+    ax_density.set(xlabel="step", ylabel="density after the event", title="density")
+    ax_cross.set(xlabel="step", ylabel="links between ensembles (%)", title="links across modules")
+    for ax in (ax_density, ax_cross):
+        ax.set_ylim(0, 1.15 * ax.get_ylim()[1])  # from 0, the top point clear of the frame
+    for ax in (ax_swap, ax_density, ax_cross):
+        ax.grid(alpha=0.3)
+    ax_swap.legend(fontsize=7)
     fig.tight_layout()
     return fig

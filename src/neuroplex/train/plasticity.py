@@ -25,7 +25,9 @@ whichever path :func:`~neuroplex.layers.sparse_plan.choose_path` picks for it.
 
 Randomness comes from (seed, step, layer), so a resumed run rewires exactly like an
 uninterrupted one without saved generator state. Events are appended to ``plasticity.jsonl``
-in the run directory (rank 0). Shape legend: ``b`` batch, ``n_in`` / ``n_out`` units.
+in the run directory (rank 0): step, layer, kind, pruned / grown connections, density and
+``cross_links`` (links between different ensembles, :attr:`Wiring.cross_links`) before and after,
+the layer's execution path. Shape legend: ``b`` batch, ``n_in`` / ``n_out`` units.
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ class Plasticity:
             return None
         apply_wiring(layer, wiring, self.owners[name])
         density = {"density_before": before.density, "density_after": wiring.density}
-        return {**detail, **density, "path": layer.path}
+        cross = {"cross_links_before": before.cross_links, "cross_links_after": wiring.cross_links}
+        return {**detail, **density, **cross, "path": layer.path}
 
     def _unit_wiring(self, name: str, layer: SparseLinear, zeta: float, gen: torch.Generator):
         mask = torch.as_tensor(layer.wiring.to_mask())

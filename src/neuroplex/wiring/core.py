@@ -112,6 +112,18 @@ class Wiring:
             mask[outo[j] : outo[j + 1], ino[i] : ino[i + 1]] = True
         return mask
 
+    @property
+    def cross_links(self) -> int | None:
+        """Unit connections from input ensemble ``i`` to output ensemble ``j != i``: links
+        between modules. None unless both sides have the same number (> 1) of ensembles."""
+        g = len(self.in_sizes)
+        if g != len(self.out_sizes) or g < 2:
+            return None
+        mask = self.to_mask()
+        ino, outo = self.in_offsets, self.out_offsets
+        own = sum(int(mask[outo[e] : outo[e + 1], ino[e] : ino[e + 1]].sum()) for e in range(g))
+        return int(mask.sum()) - own
+
     # ---- export --------------------------------------------------------------------------
     def to_networkx(self) -> nx.DiGraph:
         """Bipartite encoding of the hypergraph as a ``networkx.DiGraph``.
