@@ -4,11 +4,14 @@ Three policies decide, per input, after which stage to stop:
 - ``confidence``: exit at the first stage whose classifier's top probability reaches a threshold
   (swept);
 - ``jei`` (JEI-DNN, Regol et al. 2024; reference code networkslab/dynn): one gate per early exit
-  and the early exit classifiers, trained together on the frozen network for a trade-off ``λ``
-  set before training. A sample's target exit is the one minimising ``CE_l + λ·cost_l``
-  (``cost_l`` = stages run / all stages); gate ``l`` learns, by BCE weighted against class
-  imbalance, whether that exit is at or before ``l``; the classifiers learn by CE weighted by the
-  gates' exit probabilities. The two alternate every ``phase_steps`` steps, gates first;
+  and the early exit classifiers (copies of the aux heads), trained on the frozen network for a
+  trade-off ``λ`` set before training. A sample's target exit is the one minimising
+  ``CE_l + λ·cost_l`` (``cost_l`` = stages run / all stages); gate ``l`` learns, by BCE weighted
+  against class imbalance, whether that exit is at or before ``l``; the classifiers learn by CE
+  weighted by the gates' exit probabilities. The two phases alternate every ``phase_steps``
+  steps, gates first. Unlike the reference, the gates train on the validation split and the
+  classifiers on the train split by default (``ExitsConfig``: a local run's heads already fit
+  the train split, and overfit the small validation split);
 - ``correctness``: a small gate per stage trained to predict whether that stage's classifier is
   right; with cost weight ``λ`` it exits when P(correct) ≥ 1 − λ (swept after training).
 
