@@ -211,6 +211,47 @@ class PlasticityConfig(StrictModel):
     probe_size: int = Field(256, ge=2, description="hebbian: training samples in the probe")
 
 
+class ExitsConfig(StrictModel):
+    """Early exit, JEI-DNN (`eval --exits`): exit gates and exit classifiers trained on the
+    frozen network after the main run, one set per trade-off ``λ``."""
+
+    lambdas: list[Annotated[float, Field(ge=0)]] = Field(
+        [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0],
+        min_length=1,
+        description="JEI-DNN trade-off λ: gate targets minimise CE_l + λ·cost_l (cost_l = stages "
+        "run / all stages); gates and exit classifiers are trained once per value",
+    )
+    gate_split: Literal["val", "train"] = Field(
+        "val",
+        description="split the gates train on; JEI-DNN uses train, but a local run's heads "
+        "already fit it (train CE near 0, every target would be the first exit)",
+    )
+    classifier_split: Literal["train", "val"] = Field(
+        "train",
+        description="split the exit classifiers train on (JEI-DNN: train); val is small and "
+        "they overfit it",
+    )
+    classifier_loss: Literal["exit_prob", "uniform", "frozen"] = Field(
+        "exit_prob",
+        description="exit classifiers' loss: CE weighted by the gates' exit probabilities "
+        "(JEI-DNN), plain mean CE (what the reference's non-detached rescaling computes), or "
+        "not trained (gates only)",
+    )
+    gate_balance: Literal["exact", "cumulative"] = Field(
+        "exact",
+        description="weight of gate l's 1 targets = #0/#1 with #1 counted as samples whose "
+        "optimal exit is l (exact, the reference code) or at or before l (cumulative, gate l's "
+        "actual 1 targets)",
+    )
+    steps: int = Field(1000, ge=1, description="optimizer steps per λ, both phases together")
+    phase_steps: int = Field(
+        100, ge=1, description="steps before switching between the gate and classifier phases"
+    )
+    batch_size: int = Field(64, ge=1, description="samples per step")
+    lr: float = Field(1e-2, gt=0, description="SGD (momentum 0.9) peak lr, cosine to 2% of it")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+
+
 class TrainConfig(StrictModel):
     method: Literal["backprop", "local"] = Field(
         "backprop", description="backprop: end to end; local: per-stage auxiliary networks"
@@ -246,6 +287,7 @@ class TrainConfig(StrictModel):
     plasticity: PlasticityConfig | None = Field(
         None, description="rewiring of the sparse layers during training; null = off"
     )
+    exits: ExitsConfig = Field(default_factory=ExitsConfig)
 
     @model_validator(mode="after")
     def _check_betas(self) -> TrainConfig:

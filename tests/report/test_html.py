@@ -62,7 +62,7 @@ def report_path(tmp_path_factory):
         train(load_config(None, [*REPORT_RUN, "model.stages.0.m=3"]), twin)  # dense twin
         for path in (run, twin):
             analyze_run(path, probe=200)
-        evaluate_exits(run)
+        evaluate_exits(run, overrides=["train.exits.lambdas=[0.1,1.0]", "train.exits.steps=100"])
         bench = tmp / "local.md"
         bench.write_text("Numbers.\n\n| a | b |\n|---|---|\n| 1 | <x> |\n")
         return write_report(run, [bench], baseline=twin)
@@ -79,6 +79,11 @@ def test_report_is_one_self_contained_page_with_every_section(report_path):
     assert "&lt;x&gt;" in page  # table cells escaped
     exits = json.loads((report_path.parent / "exits.json").read_text())
     assert f"(best checkpoint); all stages {100 * exits['full']['acc']:.2f}%" in page
+    chosen = exits["selected_on_val"]["confidence"]
+    if chosen is None:
+        assert "confidence threshold: no setting within one point on val" in page
+    else:
+        assert f"{chosen['test']['mean_stages']:.2f} stages" in page
 
 
 def test_a_run_without_sparse_or_moe_stages_gets_no_wiring_structure_or_routing_section():

@@ -140,18 +140,21 @@ def eval_cmd(
         bool,
         typer.Option(
             "--exits",
-            help="early exit (local runs): confidence and learned-gate policies, "
-            "accuracy vs stages executed; writes exits.json and exits.png",
+            help="early exit (local runs): confidence threshold, JEI-DNN gates and "
+            "correctness predictor, accuracy vs stages executed; writes exits.json and exits.png",
         ),
     ] = False,
+    overrides: SetOption = None,
 ) -> None:
     """Evaluate a run's checkpoint on a data split; print JSON (or the early-exit table)."""
     from neuroplex.train.runs import evaluate_exits, evaluate_run
 
     if not exits:
+        if overrides:
+            raise NeuroplexError("--set: only with --exits (train.exits.* keys)")
         print(json.dumps(evaluate_run(run_dir, split=split, which=checkpoint), indent=2))
         return
-    report = evaluate_exits(run_dir, split=split, which=checkpoint)
+    report = evaluate_exits(run_dir, split=split, which=checkpoint, overrides=overrides)
     print_exits(report)
     print(f"wrote {run_dir / 'exits.json'} and {run_dir / 'exits.png'}")
 
@@ -163,17 +166,20 @@ def print_exits(report: dict) -> None:
         f"{report['stages']} stages = "
         f"{100 * full['acc']:.2f}% (per stage: "
         + ", ".join(f"{100 * a:.1f}" for a in report["per_stage_acc"])
-        + ")"
+        + f"); JEI gates fit on {report['settings']['gate_split']}, classifiers on "
+        f"{report['settings']['classifier_split']}; * = chosen on val"
     )
     table = Table(title=escape(title))
     for column in ("policy", "setting", "accuracy", "mean stages", "stages saved"):
         table.add_column(column)
-    for policy, key in (("confidence", "threshold"), ("gate", "cost")):
+    for policy, key in (("confidence", "threshold"), ("jei", "lambda"), ("correctness", "cost")):
+        chosen = report["selected_on_val"][policy]
         for p in report[policy]:
             saved = 1 - p["mean_stages"] / report["stages"]
+            mark = " *" if chosen is not None and chosen[key] == p[key] else ""
             table.add_row(
                 policy,
-                f"{key}={p[key]}",
+                f"{key}={p[key]}{mark}",
                 f"{100 * p['acc']:.2f}%",
                 f"{p['mean_stages']:.2f}",
                 f"{100 * saved:.0f}%",

@@ -176,23 +176,29 @@ def entropy(report: dict[str, Any]) -> str:
 
 
 def exits(report: dict[str, Any]) -> str:
-    """Under the early-exit curve: the full network and each policy's best saving."""
+    """Under the early-exit curve: the full network and each policy's setting chosen on val."""
     stages = report.get("stages")
     text = (
         f"Accuracy against mean stages executed on {report.get('split', 'test')} "
         f"({report.get('checkpoint', 'best')} checkpoint); all stages "
         f"{pct(report['full']['acc'], 2)}, the dotted line one point below."
     )
-    for key, name in (("confidence", "confidence threshold"), ("gate", "learned gate")):
-        best = report.get(f"{key}_best_within_1pt")
-        if best is None:
-            text += f" {name}: no setting within one point."
-        else:
-            saved = f" ({pct(1 - best['mean_stages'] / stages, 0)} saved)" if stages else ""
-            text += (
-                f" Fewest stages within one point, {name}: {best['mean_stages']:.2f}{saved} at "
-                f"{pct(best['acc'], 2)}."
-            )
+    names = {
+        "jei": "JEI-DNN gates",
+        "confidence": "confidence threshold",
+        "correctness": "correctness gates",
+    }
+    for key, name in names.items():
+        chosen = report.get("selected_on_val", {}).get(key)
+        if chosen is None:
+            text += f" {name}: no setting within one point on val."
+            continue
+        best = chosen["test"]
+        saved = f" ({pct(1 - best['mean_stages'] / stages, 0)} saved)" if stages else ""
+        text += (
+            f" {name}, chosen on val: {best['mean_stages']:.2f} stages{saved} at "
+            f"{pct(best['acc'], 2)} on test."
+        )
     return text
 
 

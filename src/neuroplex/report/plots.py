@@ -49,23 +49,41 @@ def learning_curves(rows: list[dict[str, Any]], title: str) -> Figure:
 
 
 def exits_figure(report: dict[str, Any]) -> Figure:
-    """Accuracy against mean stages executed for both early-exit policies."""
+    """Accuracy against mean stages executed for every early-exit policy; the settings chosen
+    on the validation split circled."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, label, marker in (
         ("confidence", "confidence threshold", "o"),
-        ("gate", "learned gate", "s"),
+        ("jei", "JEI-DNN gates (λ)", "s"),
+        ("correctness", "correctness predictor", "^"),
     ):
         points = sorted(report[key], key=lambda p: p["mean_stages"])
-        ax.plot(
+        (line,) = ax.plot(
             [p["mean_stages"] for p in points],
             [100 * p["acc"] for p in points],
             marker=marker,
+            ms=4,
             label=label,
         )
+        chosen = report["selected_on_val"][key]
+        if chosen is not None:
+            point = chosen["test"]
+            ax.plot(
+                point["mean_stages"],
+                100 * point["acc"],
+                "o",
+                ms=11,
+                mfc="none",
+                color=line.get_color(),
+            )
     full = report["full"]
     ax.axhline(100 * full["acc"], color="grey", ls="--", lw=1, label="all stages")
     ax.axhline(100 * full["acc"] - 1, color="grey", ls=":", lw=1, label="all stages - 1 point")
-    ax.set(xlabel="mean stages executed", ylabel="accuracy (%)", title="Early exit")
+    ax.set(
+        xlabel="mean stages executed",
+        ylabel=f"{report['split']} accuracy (%)",
+        title="Early exit (circled: chosen on val)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

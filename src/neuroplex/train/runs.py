@@ -17,14 +17,17 @@ from neuroplex.train.setup import Setup, build_setup
 SPLITS = ("train", "val", "test")
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[Setup, Checkpoint]:
-    """Rebuild a run from its ``config.yaml`` and load its ``best`` or ``last`` checkpoint."""
+def load_run(
+    run_dir: Path, which: str = "best", overrides: list[str] | None = None
+) -> tuple[Setup, Checkpoint]:
+    """Rebuild a run from its ``config.yaml`` (with ``overrides``) and load its ``best`` or
+    ``last`` checkpoint."""
     if which not in ("best", "last"):
         raise NeuroplexError(f"--checkpoint {which!r}: expected best or last")
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise NeuroplexError(f"{run_dir}: not a run directory (no config.yaml)")
-    s = build_setup(load_config(config_path))
+    s = build_setup(load_config(config_path, overrides))
     ckpt = load_checkpoint(run_dir, which)
     restore_wirings(s.model, ckpt.state.get("wirings", {}))  # a rewired run's layers
     load_module_state(s.model, ckpt.tensors, "model.")
@@ -55,28 +58,45 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", which: str = "best
     }
 
 
-def evaluate_exits(run_dir: str | Path, *, split: str = "test", which: str = "best") -> dict:
-    """Early-exit policies of a local run; writes ``exits.json`` and ``exits.png``."""
+def evaluate_exits(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    which: str = "best",
+    overrides: list[str] | None = None,
+) -> dict:
+    """Early-exit policies of a local run; writes ``exits.json`` and ``exits.png``.
+    ``overrides`` (``train.exits.KEY=VALUE``) change the exit settings, nothing else."""
     from neuroplex.report.plots import exits_figure, save_png
-    from neuroplex.train.exits import best_saving, exit_report
+    from neuroplex.train.exits import exit_report
 
     run_dir = Path(run_dir)
-    s, ckpt = load_run(run_dir, which)
+    for item in overrides or []:
+        if not item.startswith("train.exits."):
+            raise NeuroplexError(f"--set {item}: eval --exits accepts only train.exits.* keys")
+    s, ckpt = load_run(run_dir, which, overrides)
     if s.cfg.train.method != "local":
         raise NeuroplexError(
             f"{run_dir}: --exits needs a run trained with train.method=local (its auxiliary "
             f"heads are the exit classifiers); this run used {s.cfg.train.method}"
         )
+    if s.data.val is None:
+        raise NeuroplexError(
+            f"{run_dir}: --exits chooses thresholds and λ on the validation split; this run has "
+            "none (data.val_fraction=0)"
+        )
     load_method_state(s, ckpt)
-    data = split_of(s, split)
-    heads = [*s.method.aux, s.model.head]
-    # The gates learn when a stage's answer is right: that needs data the network did not fit.
-    gate_split = "val" if s.data.val is not None else "train"
-    fit = getattr(s.data, gate_split)
-    report: dict[str, Any] = {"split": split, "checkpoint": which, "gates_trained_on": gate_split}
-    report.update(exit_report(s.model, heads, fit.x, fit.y, data.x, data.y))
-    for key in ("confidence", "gate"):
-        report[f"{key}_best_within_1pt"] = best_saving(report[key], report["full"])
+    cfg = s.cfg.train.exits
+    splits = {
+        "gates": getattr(s.data, cfg.gate_split),
+        "classifiers": getattr(s.data, cfg.classifier_split),
+        "val": s.data.val,
+        "eval": split_of(s, split),
+    }
+    data = {name: (d.x, d.y) for name, d in splits.items()}
+    report: dict[str, Any] = {"split": split, "checkpoint": which}
+    report.update(exit_report(s.model, [*s.method.aux, s.model.head], data, cfg, seed=s.cfg.seed))
+    report["settings"] = cfg.model_dump(mode="json")
     atomic_write_json(run_dir / "exits.json", report)
     save_png(exits_figure(report), run_dir / "exits.png")
     return report
