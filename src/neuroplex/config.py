@@ -193,9 +193,10 @@ class PlasticityConfig(StrictModel):
 
     kind: Literal["set", "rigl", "hebbian", "block_set", "block_rigl"] = Field(
         "set",
-        description="set: prune smallest |w|, regrow at random; rigl: regrow largest |dense "
-        "gradient|; hebbian: swap ensemble pairs by activation correlation; block_set / "
-        "block_rigl: set / rigl on whole ensemble blocks",
+        description="set: drop the weights of each sign closest to zero, regrow at random; "
+        "rigl: drop smallest |w|, regrow at the largest |dense gradient|; hebbian: swap "
+        "ensemble pairs by activation correlation; block_set / block_rigl: set / rigl on whole "
+        "ensemble blocks",
     )
     every: int = Field(100, ge=1, description="steps between rewiring events")
     fraction: float = Field(
@@ -209,6 +210,27 @@ class PlasticityConfig(StrictModel):
         None, ge=1, description="last rewiring before this step; null = end of training"
     )
     probe_size: int = Field(256, ge=2, description="hebbian: training samples in the probe")
+    hebbian_output: Literal["activation", "linear"] = Field(
+        "activation",
+        description="hebbian: what each layer's input is correlated with; activation: the "
+        "output of its block's activation (post-synaptic activity, G2GNet); linear: the layer's "
+        "own output before the norm",
+    )
+    prune_rule: Literal["sign_split", "magnitude"] | None = Field(
+        None,
+        description="set / rigl: which active connections are dropped; sign_split: zeta of the "
+        "positive and zeta of the negative weights, the ones closest to zero (SET's reference); "
+        "magnitude: zeta of all, smallest |w| (RigL); null = each paper's own rule",
+    )
+
+    @model_validator(mode="after")
+    def _prune_rule_for_unit_kinds(self) -> PlasticityConfig:
+        if self.prune_rule is not None and self.kind not in ("set", "rigl"):
+            raise ValueError(
+                f"prune_rule = {self.prune_rule!r}: applies to kind set or rigl only, not "
+                f"{self.kind!r}; set prune_rule: null"
+            )
+        return self
 
 
 class ExitsConfig(StrictModel):

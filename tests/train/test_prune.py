@@ -1,13 +1,16 @@
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
 from neuroplex.cli import app
 from neuroplex.config import load_config
 from neuroplex.errors import CheckpointError, ConfigError
+from neuroplex.files import read_jsonl
 from neuroplex.layers.sparse import SparseLinear
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import load_checkpoint, load_module_state
@@ -110,3 +113,31 @@ def test_prune_cli_prints_the_table_and_errors_in_one_line(run):
     assert (run / "prune" / "round_1" / "summary.json").is_file()
     bad = runner.invoke(app, ["prune", str(run / "nope"), "--rounds", "1"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "no config.yaml" in bad.stderr
+
+
+@contextmanager
+def recorded_lrs():
+    """Every optimizer step's learning rate (``param_groups[0]``), from a global hook."""
+    lrs: list[float] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"])
+    )
+    try:
+        yield lrs
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("rewind_epoch", [0, 2])
+def test_a_late_rewound_ticket_trains_the_tail_of_the_schedule(rewind_epoch, tmp_path):
+    cfg = config("train.epochs=4", "train.warmup_steps=30", "train.save_epochs=[0, 2]")
+    with recorded_lrs() as original:
+        loop.train(cfg, tmp_path / "run")
+    steps_per_epoch = len(original) // 4
+    assert len(set(original)) > 40 and original[0] < original[30]  # warmup, then cosine
+    with recorded_lrs() as rewound:
+        prune_run(tmp_path / "run", rounds=1, rate=0.2, rewind_epoch=rewind_epoch)
+    assert rewound == original[rewind_epoch * steps_per_epoch :]
+    metrics = read_jsonl(tmp_path / "run" / "prune" / "round_1" / "metrics.jsonl")
+    assert [r["epoch"] for r in metrics] == list(range(rewind_epoch + 1, 5))
+    assert metrics[-1]["step"] == len(original)

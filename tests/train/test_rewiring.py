@@ -14,21 +14,46 @@ from neuroplex.train.rewiring import (
     ensemble_coactivation,
     pairs_wiring,
     restore_wirings,
-    unit_swap,
+    unit_drop,
+    unit_grow,
     wiring_state,
 )
 from neuroplex.wiring import Wiring
 
 
-def test_unit_swap_drops_the_smallest_and_grows_the_best_inactive():
+def test_set_drops_zeta_of_each_sign_closest_to_zero():
+    weight = torch.tensor(
+        [
+            [0.9, -0.05, 0.2, -0.7, 0.0, 0.5],
+            [0.1, -0.3, 0.4, -0.01, 0.8, -0.6],
+        ]
+    )
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 5] = False  # -0.6 is not a connection
+    # active: positives 0.9 0.2 0.5 0.1 0.4 0.8 (6), negatives -0.05 -0.7 -0.3 -0.01 (4), one 0.0
+    # zeta 0.25: ceil(1.5) = 2 positives (0.1, 0.2), ceil(1.0) = 1 negative (-0.01), and the 0.0
+    expected = torch.tensor(
+        [
+            [True, True, False, True, False, True],
+            [False, True, True, False, True, False],
+        ]
+    )
+    dropped = unit_drop(weight, mask, 0.25, "sign_split")
+    kept = mask.clone().flatten()
+    kept[dropped] = False
+    assert torch.equal(kept.view(2, 6), expected)
+    # joint |w| (RigL): ceil(0.25 * 11) = 3 smallest |w|: 0.0, -0.01, -0.05
+    dropped = unit_drop(weight, mask, 0.25, "magnitude")
+    assert sorted(dropped.tolist()) == [1, 4, 9]
+
+
+def test_unit_grow_may_put_a_just_dropped_connection_back():
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    magnitude = torch.tensor([[0.5, 0.1, 0.0], [0.3, 0.0, 0.0]])
-    score = torch.tensor([[9.0, 9.0, 1.0], [9.0, 3.0, 2.0]])  # active scores are ignored
-    pruned, grown = unit_swap(magnitude, mask, score, 2)
-    assert pruned.tolist() == [1, 3]  # |w| 0.1 then 0.3
-    assert grown.tolist() == [4, 5]  # inactive scores 3 and 2
-    pruned, grown = unit_swap(magnitude, mask, score, 10)  # capped by the 3 inactive ones
-    assert len(pruned) == len(grown) == 3
+    score = torch.tensor([[9.0, 8.0, 1.0], [9.0, 3.0, 2.0]])  # kept ones are never candidates
+    dropped = torch.tensor([1, 3])  # (0, 1) with score 8 and (1, 0) with score 9
+    assert sorted(unit_grow(mask, dropped, score).tolist()) == [1, 3]
+    score[0, 1] = score[1, 0] = 0.0
+    assert sorted(unit_grow(mask, dropped, score).tolist()) == [4, 5]  # scores 3 and 2
 
 
 def planted_activations(p: int = 500, seed: int = 0):
@@ -43,28 +68,39 @@ def planted_activations(p: int = 500, seed: int = 0):
     return torch.tensor(x), torch.tensor(y)
 
 
-def test_hebbian_drops_the_least_and_adds_the_most_co_active_pair():
+def test_hebbian_drops_the_least_and_adds_the_most_co_active_pair_of_the_same_output():
     wiring = W.hypergraph([3] * 4, [2, 2], [([0, 1], 0), ([2], 1)])
     coact = ensemble_coactivation(*planted_activations(), wiring)
     assert coact.shape == (2, 4)
     assert np.argmax(coact[0]) == 3 and np.argmax(coact[1]) == 2
-    pruned, grown = block_swap(wiring, coact, coact, 1)
-    assert pruned == [(1, 0)]  # input 1 is noise: the weakest connected pair
-    assert grown == [(3, 0)]  # the planted co-active unconnected pair
+    for regrow in (False, True):
+        pruned, grown = block_swap(wiring, coact, coact, 1, regrow)
+        assert pruned == [(1, 0)]  # input 1 is noise: the weakest connected pair
+        assert grown == [(3, 0)]  # the planted co-active unconnected pair
     new = pairs_wiring(wiring, pruned, grown)
     assert set(new.block_pairs) == {(0, 0), (3, 0), (2, 1)}
+    # output 1 has no pair more co-active than (2, 1): regrow puts it back, hebbian replaces it
+    pruned, grown = block_swap(wiring, coact, coact, 3, regrow=True)
+    assert (2, 1) in pruned and (2, 1) in grown
+    pruned, grown = block_swap(wiring, coact, coact, 3, regrow=False)
+    assert (2, 1) in pruned and not set(pruned) & set(grown)
+    assert grown[pruned.index((2, 1))] == (int(np.argmax(np.where([1, 1, 0, 1], coact[1], -1))), 1)
 
 
-def test_block_swap_keeps_every_output_fed_and_the_density_exact():
-    # output 1 has one input, the weakest pair of all: it must stay
-    wiring = W.hypergraph([2, 2, 3], [4, 4], [([0, 1], 0), ([2], 1)])
-    score = np.array([[0.5, 0.6, 0.0], [0.0, 0.0, 0.1]])
-    grow = np.array([[0.0, 0.0, 5.0], [9.0, 1.0, 0.0]])
-    pruned, grown = block_swap(wiring, score, grow, 2)
-    assert pruned == [(0, 0)]  # (2, 1) is output 1's only input; (1, 0) is kept for output 0
-    assert grown == [(0, 1)]  # same size (2x4) as the pruned pair; (2, 0) is 3x4
+def test_block_swap_keeps_every_fan_in_and_the_density_exact():
+    wiring = W.hypergraph([2, 2, 3, 2], [4, 4], [([0, 2], 0), ([1, 3], 1)])
+    score = np.array([[0.5, 0.0, 0.6, 0.0], [0.0, 0.1, 0.0, 0.7]])
+    grow = np.array([[0.0, 0.0, 5.0, 4.0], [9.0, 1.0, 9.5, 0.0]])
+    pruned, grown = block_swap(wiring, score, grow, 2, regrow=True)
+    assert pruned == [(1, 1), (0, 0)]  # the two weakest connected pairs
+    # each replaced in its own output by a pair of its size: (2, 1) is 3x4, (2, 0) connected
+    assert grown == [(0, 1), (3, 0)]
     new = pairs_wiring(wiring, pruned, grown)
     assert new.density == wiring.density and new.is_block
+    fan_in = lambda w: sorted(j for _, j in w.block_pairs)  # noqa: E731
+    assert fan_in(new) == fan_in(wiring) == [0, 0, 1, 1]
+    grow[1, 0] = 0.0  # without regrow, (1, 1) moves to the only other 2-unit input left
+    assert block_swap(wiring, score, grow, 2, regrow=False)[1] == [(0, 1), (3, 0)]
 
 
 def test_block_rms_is_per_block_root_mean_square():

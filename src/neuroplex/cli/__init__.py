@@ -375,7 +375,7 @@ def prune(
         float, typer.Option(min=0.0, max=1.0, help="fraction of the remaining weights per round")
     ] = 0.2,
     rewind_epoch: Annotated[
-        int, typer.Option(min=0, help="rewind to the weights after this epoch (train.save_epochs)")
+        int, typer.Option(min=0, help="rewind to this epoch, train from it (train.save_epochs)")
     ] = 0,
 ) -> None:
     """Lottery tickets: prune by magnitude, rewind, retrain; RUN_DIR/prune/round_R per round."""

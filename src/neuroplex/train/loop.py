@@ -52,19 +52,22 @@ def train(
     stop_after_epoch: int | None = None,
     progress: NullProgress | None = None,
     prepare: Callable[[Network], None] | None = None,
+    start_epoch: int = 0,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); return the summary.
 
     ``stop_after_epoch`` ends the session after that many epochs with a checkpoint, so a long run
     can be done in pieces; resuming it gives the same metrics as an uninterrupted run.
     ``prepare`` changes the freshly built model before the method sees it (e.g. a pruned
-    lottery ticket, neuroplex.train.prune).
+    lottery ticket, neuroplex.train.prune). ``start_epoch`` starts a new run at that epoch's
+    first step, as if the epochs before it had run: the learning-rate schedule, the data order
+    and the step count continue from there (a ticket rewound late, neuroplex.train.prune).
     """
     run_dir = Path(run_dir)
     if cfg.train.parallel > 1:
         from neuroplex.train.pipeline import train_pipeline  # it builds on this module
 
-        if prepare is not None:
+        if prepare is not None or start_epoch:
             raise ConfigError(
                 f"train.parallel = {cfg.train.parallel}: a prepared (e.g. pruned) model trains "
                 "in one process; set train.parallel = 1"
@@ -75,7 +78,7 @@ def train(
         s = build_setup(cfg, world, prepare)
         if not world.is_main:
             progress = None  # one progress display, on rank 0
-        state = restore(run_dir, s) if resume else start_run_dir(run_dir, s)
+        state = restore(run_dir, s) if resume else start_run_dir(run_dir, s, start_epoch)
         return run_epochs(s, state, run_dir, stop_after_epoch, progress or NullProgress())
     finally:
         close_world(world)

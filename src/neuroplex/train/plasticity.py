@@ -1,27 +1,42 @@
 """Plasticity: rewiring the sparse layers during training, as a callback of the one loop.
 
-Every ``every`` steps (until ``end_step``), each SparseLinear swaps a fraction ζ of its
-connections; ζ starts at ``fraction`` and is cosine-annealed to 0 at ``end_step`` (RigL's
-schedule). Kinds (``train.plasticity.kind``):
+Every ``every`` steps (until ``end_step``), each SparseLinear drops a fraction ζ of its
+connections and grows as many; ζ starts at ``fraction`` and is cosine-annealed to 0 at
+``end_step`` (RigL's schedule). Kinds (``train.plasticity.kind``):
 
-- ``set`` (SET): drop the ζ·active connections of smallest |w|, regrow as many at random among
-  the connections that were inactive;
-- ``rigl`` (RigL): the same drop, regrow where the dense gradient |dL/dW| of the last training
-  batch is largest;
+- ``set`` (SET): drop ζ of the positive and ζ of the negative weights, each sign's closest to
+  zero (the thresholds of SET's reference ``rewireMask``, which also drops weights that are
+  exactly zero), and regrow as many at random;
+- ``rigl`` (RigL): drop the ζ·active connections of smallest |w|, regrow where the dense
+  gradient |dL/dW| of the last training batch is largest;
 - ``hebbian`` (G2GNet): per ensemble pair, the mean |correlation| between its input units'
-  activations (the layer input) and its output units' (the layer output, before the norm) on
-  a probe batch; drop the least co-active connected pairs, add the most co-active unconnected
-  ones (correlating ensemble *means* instead did worse: 77.6% vs 84.6% on MNIST-1D, 2000
-  steps, seed 0 — a mean over units of mixed-sign weights hides what its units do);
+  activations (the layer input) and its output units' activations (``hebbian_output``:
+  after the block's norm and activation; ``linear``, the layer's own output, is the older
+  rule) on a probe batch; drop the least co-active connected pairs and give each output
+  ensemble the most co-active pair it lacks (correlating ensemble *means* instead did worse:
+  77.6% vs 84.6% on MNIST-1D, 2000 steps, seed 0 — a mean over units of mixed-sign weights
+  hides what its units do);
 - ``block_set`` / ``block_rigl``: ``set`` / ``rigl`` on whole ensemble pairs, scored by block
-  RMS of the weight and of the dense gradient; the wiring stays block-structured.
+  RMS of the weight and of the dense gradient.
+
+``prune_rule`` swaps the drop rule of ``set`` / ``rigl`` (``sign_split`` / ``magnitude``).
+The regrowth candidates of every kind but ``hebbian`` include the connections the same event
+just dropped, as in RigL (``sparse_optimizers.py``: grow scores are masked only by the kept
+connections) and SET's reference: one put straight back keeps its weight and moments (RigL's
+``reinit_when_same=False``; SET's reference draws a new weight for it). ``hebbian`` always
+replaces what it drops (measured better than letting it keep a pair no other pair beats:
+docs/benchmarks.md, "Plasticity"). Block kinds swap pairs within an output ensemble, so every
+output keeps its fan-in: a block wiring of equal fan-in stays one and keeps its block path.
 
 Grown connections start at weight **zero** with zeroed optimizer moments, for every kind: the
 network computes the same function right after an event (no loss spike), and the regrown
 weights then grow only as fast as their gradient says (RigL's choice; SET's small random init
 would add noise the magnitude criterion then has to undo). Unit-level kinds turn a layer into
 a unit mask (masked-dense path); ensemble-level kinds keep a block wiring, and the layer takes
-whichever path :func:`~neuroplex.layers.sparse_plan.choose_path` picks for it.
+whichever path :func:`~neuroplex.layers.sparse_plan.choose_path` picks for it. An event's
+record counts the connections it removed (``pruned``), added (``grown``) and dropped but put
+straight back (``regrown``); ``pruned_pairs`` / ``grown_pairs`` list the ensemble pairs that
+changed.
 
 Randomness comes from (seed, step, layer), so a resumed run rewires exactly like an
 uninterrupted one without saved generator state. Events are appended to ``plasticity.jsonl``
@@ -44,6 +59,7 @@ from neuroplex.data import Split
 from neuroplex.errors import ConfigError
 from neuroplex.files import append_jsonl
 from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.stages import SparseBlock
 from neuroplex.train.parallel import World
 from neuroplex.train.rewiring import (
     apply_wiring,
@@ -53,11 +69,13 @@ from neuroplex.train.rewiring import (
     owner,
     pairs_wiring,
     sparse_layers,
-    unit_swap,
+    unit_drop,
+    unit_grow,
 )
 from neuroplex.wiring import Wiring
 
 LOG = "plasticity.jsonl"
+PAPER_PRUNE_RULE = {"set": "sign_split", "rigl": "magnitude"}  # prune_rule: null
 
 
 class NullPlasticity:
@@ -116,6 +134,7 @@ class Plasticity:
         self.end_step = cfg.end_step or total_steps
         self.layers = sparse_layers(model)
         self.owners = {name: owner(layer.weight, optimizers) for name, layer in self.layers.items()}
+        self.post = post_synaptic(model, self.layers, cfg.hebbian_output)
         rigl = cfg.kind in ("rigl", "block_rigl")
         self.capture = GradientCapture(self.layers) if rigl else None
 
@@ -145,7 +164,7 @@ class Plasticity:
     def _rewire(
         self, name: str, layer: SparseLinear, zeta: float, gen: torch.Generator, acts
     ) -> dict[str, Any] | None:
-        """One layer's swap; the event record, or None when nothing changed."""
+        """One layer's swap; the event record, or None when the event dropped nothing."""
         before = layer.wiring
         if self.cfg.kind in BLOCK_KINDS:
             wiring, detail = self._block_wiring(name, layer, zeta, gen, acts)
@@ -160,20 +179,22 @@ class Plasticity:
 
     def _unit_wiring(self, name: str, layer: SparseLinear, zeta: float, gen: torch.Generator):
         mask = torch.as_tensor(layer.wiring.to_mask())
-        n = math.ceil(zeta * int(mask.sum()))
         if self.capture is None:
             score = torch.rand(mask.shape, generator=gen)
         else:
             score = self.capture.dense_grad(name, layer).detach().abs().cpu()
-        magnitude = layer.dense_weight().detach().abs().cpu()
-        pruned, grown = unit_swap(magnitude, mask, score, n)
-        if len(pruned) == 0:
+        rule = self.cfg.prune_rule or PAPER_PRUNE_RULE[self.cfg.kind]
+        dropped = unit_drop(layer.dense_weight().detach().cpu(), mask, zeta, rule)
+        if len(dropped) == 0:
             return None, {}
+        grown = unit_grow(mask, dropped, score)
         new = mask.flatten().clone()
-        new[pruned], new[grown] = False, True
+        new[dropped], new[grown] = False, True
+        new = new.view_as(mask)
+        pruned, added = int((mask & ~new).sum()), int((new & ~mask).sum())
         w = layer.wiring
-        wiring = Wiring(w.in_sizes, w.out_sizes, unit_mask=new.view_as(mask).numpy())
-        return wiring, {"pruned": len(pruned), "grown": len(grown)}
+        wiring = Wiring(w.in_sizes, w.out_sizes, unit_mask=new.numpy())
+        return wiring, {"pruned": pruned, "grown": added, "regrown": len(dropped) - pruned}
 
     def _block_wiring(self, name, layer: SparseLinear, zeta: float, gen: torch.Generator, acts):
         w = layer.wiring
@@ -187,28 +208,38 @@ class Plasticity:
                 grow = torch.rand(shape, generator=gen, dtype=torch.float64).numpy()
             else:
                 grow = block_rms(self.capture.dense_grad(name, layer), w)
-        pruned, grown = block_swap(w, prune, grow, n)
-        if not pruned:
+        dropped, grown = block_swap(w, prune, grow, n, regrow=self.cfg.kind != "hebbian")
+        if not dropped:
             return None, {}
-        units = sum(w.in_sizes[i] * w.out_sizes[j] for i, j in pruned)
-        detail = {"pruned": units, "grown": units}  # unit connections, as for the unit kinds
+        pruned = [p for p in dropped if p not in grown]  # what changed
+        added = [p for p in grown if p not in dropped]
+        detail = {"pruned": _units(w, pruned), "grown": _units(w, added)}  # unit connections
         detail |= {
+            "regrown": _units(w, dropped) - _units(w, pruned),
             "pruned_pairs": [list(p) for p in pruned],
-            "grown_pairs": [list(p) for p in grown],
+            "grown_pairs": [list(p) for p in added],
         }
-        return pairs_wiring(w, pruned, grown), detail
+        return pairs_wiring(w, dropped, grown), detail
 
     @torch.no_grad()
     def _probe(self, step: int) -> dict[str, tuple[Tensor, Tensor]]:
-        """Input and output ``([p, n_in], [p, n_out])`` of every layer on ``probe_size`` training
-        samples drawn by (seed, step), in eval mode (no dropout, no random state used)."""
+        """Pre- and post-synaptic activations ``([p, n_in], [p, n_out])`` of every layer on
+        ``probe_size`` training samples drawn by (seed, step), in eval mode (no dropout, no
+        random state used): the layer's input, and the output of :attr:`post`'s module."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randperm(len(self.probe), generator=gen)[: self.cfg.probe_size]
-        acts: dict[str, tuple[Tensor, Tensor]] = {}
-        hooks = [
-            layer.register_forward_hook(lambda m, a, out, n=name: acts.__setitem__(n, (a[0], out)))
-            for name, layer in self.layers.items()
-        ]
+        pre: dict[str, Tensor] = {}
+        post: dict[str, Tensor] = {}
+        hooks = []
+        for name, layer in self.layers.items():
+            hooks.append(
+                layer.register_forward_hook(lambda m, a, o, n=name: pre.__setitem__(n, a[0]))
+            )
+            hooks.append(
+                self.post[name].register_forward_hook(
+                    lambda m, a, o, n=name: post.__setitem__(n, o)
+                )
+            )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -217,7 +248,24 @@ class Plasticity:
             self.model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        return acts
+        return {name: (pre[name], post[name]) for name in self.layers}
+
+
+def _units(wiring: Wiring, pairs: list[tuple[int, int]]) -> int:
+    """Unit connections of the ``(input ensemble, output ensemble)`` pairs."""
+    return sum(wiring.in_sizes[i] * wiring.out_sizes[j] for i, j in pairs)
+
+
+def post_synaptic(
+    model: nn.Module, layers: dict[str, SparseLinear], signal: str
+) -> dict[str, nn.Module]:
+    """The module whose output hebbian correlates with each layer's input: with ``signal``
+    ``activation``, the activation of the SparseBlock holding the layer (after its norm; a
+    layer outside a SparseBlock falls back to its own output); with ``linear``, the layer."""
+    if signal == "linear":
+        return dict(layers)
+    acts = {id(m.linear): m.act for m in model.modules() if isinstance(m, SparseBlock)}
+    return {name: acts.get(id(layer), layer) for name, layer in layers.items()}
 
 
 def build_plasticity(

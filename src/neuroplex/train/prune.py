@@ -9,7 +9,11 @@ From a finished run that kept its weights after epoch ``E`` (``train.save_epochs
    rounds each layer is ``1 - (1 - rate)**R`` sparser than the run, within one weight;
 2. rewind every weight of the network to its epoch-``E`` value, the pruned ones to zero;
    dense Linear layers become SparseLinear layers with a unit mask (masked-dense path);
-3. retrain with the run's config into ``RUN_DIR/prune/round_r`` (an ordinary run directory).
+3. retrain with the run's config into ``RUN_DIR/prune/round_r`` (an ordinary run directory)
+   from epoch ``E`` to the end, as a ticket rewound to step ``t = E * steps_per_epoch`` trains
+   in Frankle et al. (2020) and open_lth (``training/train.py``): the learning-rate schedule
+   (warmup included) and the data order continue from step ``t``, the optimizer starts fresh,
+   and the round's metrics start at epoch ``E + 1``. ``E = 0`` retrains the whole run.
 
 ``RUN_DIR/prune/prune.json`` and ``prune.md`` hold the table of sparsity vs test accuracy.
 Shape legend: ``n_out`` / ``n_in`` units of a layer.
@@ -132,7 +136,7 @@ def prune_run(
         masks = prune_masks(weights, masks, keep)
         ticket = Ticket(masks, rewind)
         out = run_dir / "prune" / f"round_{r}"
-        summary = train(cfg, out, progress=progress(), prepare=ticket)
+        summary = train(cfg, out, progress=progress(), prepare=ticket, start_epoch=rewind_epoch)
         weights = dense_weights(ticket.model)
         rows.append(_row(r, out, masks, summary))
     table = {"rewind_epoch": rewind_epoch, "rate": rate, "rows": rows}

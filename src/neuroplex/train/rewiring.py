@@ -8,6 +8,7 @@ Shape legend: ``n_out`` / ``n_in`` units, ``g_out`` / ``g_in`` ensembles, ``p`` 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -22,46 +23,72 @@ Pair = tuple[int, int]  # (input ensemble, output ensemble)
 
 
 # ---- choosing ------------------------------------------------------------------------------
-def unit_swap(magnitude: Tensor, mask: Tensor, grow_score: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Flat indices of the ``n`` active connections with the smallest ``magnitude`` and of the
-    ``n`` inactive ones with the largest ``grow_score`` (all ``[n_out, n_in]``, ``mask`` bool).
-    Just-pruned connections are not regrown; ``n`` is capped so both sides have enough."""
-    active, inactive = mask.flatten().nonzero().squeeze(1), (~mask).flatten().nonzero().squeeze(1)
-    n = min(n, len(active), len(inactive))
-    weakest = torch.argsort(magnitude.flatten()[active], stable=True)[:n]
-    strongest = torch.argsort(grow_score.flatten()[inactive], descending=True, stable=True)[:n]
-    return active[weakest], inactive[strongest]
+def unit_drop(weight: Tensor, mask: Tensor, zeta: float, rule: str) -> Tensor:
+    """Flat indices of the active connections (``mask``, bool ``[n_out, n_in]``) an event
+    drops, by the signed ``weight [n_out, n_in]``:
+
+    - ``magnitude`` (RigL): the ``ceil(zeta * active)`` smallest ``|w|``;
+    - ``sign_split`` (SET's reference ``rewireMask``): the ``ceil(zeta * n_pos)`` smallest
+      positive weights, the ``ceil(zeta * n_neg)`` negative ones closest to zero, and every
+      active weight that is exactly zero (it lies between the reference's two thresholds).
+    """
+    active = mask.flatten().nonzero().squeeze(1)
+    w = weight.flatten()[active]
+    if rule == "magnitude":
+        n = math.ceil(zeta * len(active))
+        return active[torch.argsort(w.abs(), stable=True)[:n]]
+    positive, negative = (w > 0).nonzero().squeeze(1), (w < 0).nonzero().squeeze(1)
+    smallest = torch.argsort(w[positive], stable=True)[: math.ceil(zeta * len(positive))]
+    closest = torch.argsort(w[negative], descending=True, stable=True)
+    closest = closest[: math.ceil(zeta * len(negative))]
+    drop = torch.cat([positive[smallest], negative[closest], (w == 0).nonzero().squeeze(1)])
+    return active[drop.sort().values]
+
+
+def unit_grow(mask: Tensor, dropped: Tensor, grow_score: Tensor) -> Tensor:
+    """Flat indices of ``len(dropped)`` connections to grow: the largest ``grow_score`` (both
+    ``[n_out, n_in]``) among those the drop left inactive, the just-dropped ones included —
+    RigL and SET's reference both let an event put a connection it dropped straight back."""
+    kept = mask.flatten().clone()
+    kept[dropped] = False
+    free = (~kept).nonzero().squeeze(1)
+    best = torch.argsort(grow_score.flatten()[free], descending=True, stable=True)
+    return free[best[: len(dropped)]]
 
 
 def block_swap(
-    wiring: Wiring, prune_score: np.ndarray, grow_score: np.ndarray, n: int
+    wiring: Wiring, prune_score: np.ndarray, grow_score: np.ndarray, n: int, regrow: bool
 ) -> tuple[list[Pair], list[Pair]]:
-    """Up to ``n`` ensemble pairs to drop (lowest ``prune_score``) and as many to add (highest
-    ``grow_score`` among unconnected pairs); scores are ``[g_out, g_in]``.
+    """Up to ``n`` connected ensemble pairs to drop, lowest ``prune_score`` first, and for each
+    the pair that replaces it *in the same output ensemble*: the highest ``grow_score`` among
+    that output's free pairs of the same size in units (scores ``[g_out, g_in]``; ties go to
+    the lower index). Free: unconnected and not grown yet, plus with ``regrow`` the ``n``
+    dropped pairs themselves (RigL: a swap may put a dropped pair straight back); without it
+    a pair with no free replacement is kept and the next weakest one is tried.
 
-    Every output ensemble keeps at least one input, and each added pair spans as many units as
-    the pair it replaces, so the unit-level density stays exactly the same.
+    Every output ensemble keeps its fan-in, so a wiring with equal fan-in keeps it (and its
+    block path), and the unit-level density stays exactly the same.
     """
     area = np.outer(wiring.out_sizes, wiring.in_sizes)  # [g_out, g_in] units per pair
     connected = np.zeros(area.shape, dtype=bool)
     for i, j in wiring.block_pairs:
         connected[j, i] = True
-    fan_in = connected.sum(1)
-    candidates = [(j, i) for j, i in zip(*np.nonzero(~connected), strict=True)]
-    candidates.sort(key=lambda ji: -grow_score[ji])  # stable: ties keep index order
+    order = np.argsort(np.where(connected, prune_score, np.inf), axis=None, kind="stable")
+    order = [np.unravel_index(flat, area.shape) for flat in order[: connected.sum()]]
+    free = ~connected
+    for j, i in order[:n] if regrow else []:
+        free[j, i] = True
     pruned, grown = [], []
-    for flat in np.argsort(np.where(connected, prune_score, np.inf), axis=None, kind="stable"):
-        j, i = np.unravel_index(flat, area.shape)
-        if len(pruned) == n or not connected[j, i]:
+    for j, i in order:
+        candidates = free[j] & (area[j] == area[j, i])
+        if len(pruned) == n:
             break
-        match = next((c for c in candidates if area[c] == area[j, i]), None)
-        if fan_in[j] == 1 or match is None:
+        if not candidates.any():
             continue
-        fan_in[j] -= 1
-        fan_in[match[0]] += 1
-        candidates.remove(match)
+        pick = int(np.argmax(np.where(candidates, grow_score[j], -np.inf)))
+        free[j, pick] = False
         pruned.append((int(i), int(j)))
-        grown.append((int(match[1]), int(match[0])))
+        grown.append((pick, int(j)))
     return pruned, grown
 
 

@@ -57,8 +57,13 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
 
 
-def start_run_dir(run_dir: Path, s: Setup) -> LoopState:
-    """Create the run directory with its ``config.yaml``; refuse one that holds a run."""
+def start_run_dir(run_dir: Path, s: Setup, start_epoch: int = 0) -> LoopState:
+    """Create the run directory with its ``config.yaml``; refuse one that holds a run. The
+    loop state starts at ``start_epoch``'s first step."""
+    if not 0 <= start_epoch < s.total_epochs:
+        raise ConfigError(
+            f"start epoch {start_epoch}: must be in [0, {s.total_epochs}), the run's epochs"
+        )
     taken = (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists()
     if s.world.any(taken):
         raise ConfigError(
@@ -68,7 +73,7 @@ def start_run_dir(run_dir: Path, s: Setup) -> LoopState:
     if s.world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(s.cfg))
-    return LoopState()
+    return LoopState(epoch=start_epoch, step=start_epoch * s.steps_per_epoch)
 
 
 def save(run_dir: Path, s: Setup, state: LoopState, *, best: bool) -> None:
