@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,9 +19,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuroplex.cli.bench import bench_app
-from neuroplex.cli.common import DEBUG, user_errors
+from neuroplex.cli.common import DEBUG, Terminated, one_line, sigterm_as_interrupt, user_errors
 from neuroplex.config import load_config, to_yaml
 from neuroplex.errors import ConfigError, NeuroplexError
+
+try:  # typer >= 0.17 vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 app = typer.Typer(
     add_completion=False,
@@ -77,18 +83,40 @@ def train(
     else:
         cfg = load_config(config, overrides)
         target = run_dir or default_run_dir(cfg.output_dir, cfg.name)
-    summary = run_training(
-        cfg,
-        target,
-        resume=resume is not None,
-        stop_after_epoch=stop_after_epoch,
-        progress=default_progress(),
-    )
+    check_run_dir(target)
+    try:
+        with sigterm_as_interrupt():
+            summary = run_training(
+                cfg,
+                target,
+                resume=resume is not None,
+                stop_after_epoch=stop_after_epoch,
+                progress=default_progress(),
+            )
+    except KeyboardInterrupt as e:
+        raise interrupted(e, target) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     print(f"run dir: {target}")
     print(f"summary: {target / 'summary.json'}")
     print(f"status: {summary['status']}  test_acc: {_fmt(summary['test_acc'])}")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be one before anything is built."""
+    if str(run_dir) in ("", "."):
+        raise ConfigError(f"--run-dir {str(run_dir)!r}: expected a directory path (not '.')")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: a file, not a directory")
+
+
+def interrupted(e: KeyboardInterrupt, run_dir: Path) -> typer.Exit:
+    """One line on stderr; exit 130 (SIGINT) or 143 (SIGTERM), as a shell reports them."""
+    from neuroplex.train.rundir import resume_hint
+
+    name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+    print(f"interrupted ({name}): {resume_hint(run_dir)}", file=sys.stderr)
+    return typer.Exit(143 if isinstance(e, Terminated) else 130)
 
 
 def resume_config(run_dir: Path, config: Path | None, overrides: list[str] | None):
@@ -364,8 +392,30 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: a usage error (unknown command or option, missing or invalid
+    argument) is one line on stderr and exit code 2, like every other user error."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: sys.argv); the exit code."""
+    try:
+        code = app(args=argv, prog_name="neuroplex", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        return 2
+    except ClickException as e:
+        if DEBUG.on:
+            raise
+        where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else ""
+        help_hint = f" (see {e.ctx.command_path} --help)" if where else ""
+        print(f"error: {where}{one_line(e.format_message())}{help_hint}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
