@@ -22,6 +22,7 @@ from neuroplex.cli.bench import bench_app
 from neuroplex.cli.common import DEBUG, Terminated, one_line, sigterm_as_interrupt, user_errors
 from neuroplex.config import load_config, to_yaml
 from neuroplex.errors import ConfigError, NeuroplexError
+from neuroplex.files import read_json
 
 try:  # typer >= 0.17 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -329,6 +330,9 @@ def report(
         raise NeuroplexError(f"{run_dir}: not a finished run (no summary.json)")
     if baseline is not None and not (baseline / "summary.json").is_file():
         raise NeuroplexError(f"--baseline {baseline}: not a finished run (no summary.json)")
+    for path in (run_dir, baseline):
+        if path is not None:
+            read_json(path / "summary.json")  # one line if it was edited into something else
     for path in bench or []:
         if not path.is_file():
             raise NeuroplexError(f"--bench {path}: file not found")

@@ -26,12 +26,12 @@ class RunDirBusy(NeuroplexError):
 def run_dir_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
     """Hold the lock of ``run_dir`` (created if missing) for the ``with`` block; raise
     RunDirBusy at once if another process holds it. ``enabled=False`` (ranks that never write)
-    does nothing. A directory created here and left empty (the run failed to start) is
-    removed again."""
+    does nothing. Directories created here and left empty (the run failed to start) are removed
+    again."""
     if not enabled:
         yield
         return
-    created = not run_dir.exists()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -40,7 +40,8 @@ def run_dir_lock(run_dir: Path, *, enabled: bool = True) -> Iterator[None]:
     except BaseException:
         if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
             (run_dir / LOCK).unlink()
-            run_dir.rmdir()
+            for folder in created:
+                folder.rmdir()
         raise
     finally:
         os.close(fd)  # releases the lock
