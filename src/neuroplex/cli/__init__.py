@@ -349,7 +349,7 @@ def customize(
     data: Annotated[str, typer.Option(help="dataset name (e.g. mnist1d_shifted) or .npz/.csv")],
     out: Annotated[Path, typer.Option(help="output directory")],
     epochs: Annotated[int, typer.Option(min=1)] = 30,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Freeze the run as global expert; train a small local expert and a gate on new data."""
     from neuroplex.train.customize import customize as run_customize
