@@ -465,3 +465,15 @@ def test_signal_writes_an_interrupted_summary_exits_130_or_143_and_resumes(
     monkeypatch.setattr(files, "crash_hooks", [])
     assert cli(["train", "--resume", run_dir])[0] == 0
     assert run_state(run_dir) == expected
+
+
+def test_sigterm_before_the_run_has_its_config_says_nothing_to_resume(tmp_path, monkeypatch):
+    def hook(path: Path) -> None:
+        if path.name == "config.yaml":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(files, "crash_hooks", [hook])
+    code, err = cli(["train", "--run-dir", tmp_path / "run", *sets(KILL_OVERRIDES)])
+    assert code == 143
+    assert err == ["interrupted (SIGTERM): before the run started; nothing to resume"]
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -116,7 +116,9 @@ def interrupted(e: KeyboardInterrupt, run_dir: Path) -> typer.Exit:
     from neuroplex.train.rundir import resume_hint
 
     name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-    print(f"interrupted ({name}): {resume_hint(run_dir)}", file=sys.stderr)
+    started = (run_dir / "config.yaml").is_file()
+    hint = resume_hint(run_dir) if started else "before the run started; nothing to resume"
+    print(f"interrupted ({name}): {hint}", file=sys.stderr)
     return typer.Exit(143 if isinstance(e, Terminated) else 130)
 
 

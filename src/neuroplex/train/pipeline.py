@@ -173,6 +173,7 @@ def worker_failure(e: ProcessException, errors: Any, run_dir: Path) -> Neuroplex
 
 def _worker(rank: int, job: Job, errors: Any) -> None:
     """Entry point of pipeline process ``rank``; a NeuroplexError goes to the parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent's stop request
     try:
         run_worker(rank, job)
     except NeuroplexError as e:
