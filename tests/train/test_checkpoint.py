@@ -307,6 +307,12 @@ def _edit_state_keeping_checksum(ckpt_dir: Path) -> None:
     (ckpt_dir / STATE).write_text(json.dumps(state), encoding="utf-8")
 
 
+def _edit_json_file(path: Path, edit) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
 def _replace_dir_by_file(ckpt_dir: Path) -> None:
     shutil.rmtree(ckpt_dir)
     ckpt_dir.write_text("x", encoding="utf-8")
@@ -390,6 +396,11 @@ CORRUPTIONS = [
         id="index-parent",
     ),
     pytest.param(_edit_state_keeping_checksum, [STATE, "checksum"], id="state-edited"),
+    pytest.param(
+        lambda d: _edit_json_file(d / STATE, lambda state: state.pop("state_sha256")),
+        [STATE, "no checksum of its own"],
+        id="state-without-checksum",
+    ),
     pytest.param(_replace_dir_by_file, ["epoch-0001", "a file where"], id="dir-is-a-file"),
     pytest.param(
         _write(STATE, "[1, 2]"),

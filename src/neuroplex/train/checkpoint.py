@@ -141,7 +141,12 @@ def load_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Checkpoi
         raise CheckpointError(
             f"{ckpt_dir}: format {state.get('format')!r}, this neuroplex reads {FORMAT_VERSION}"
         )
-    if state.get("state_sha256") != state_digest(state):
+    if "state_sha256" not in state:
+        raise CheckpointError(
+            f"{ckpt_dir / STATE}: has no checksum of its own (edited, or written by a neuroplex "
+            "before 0.1.0's reliability checks); train the run again"
+        )
+    if state["state_sha256"] != state_digest(state):
         raise CheckpointError(f"{ckpt_dir / STATE}: corrupted (its checksum does not match)")
     path = ckpt_dir / TENSORS
     if not path.is_file():
