@@ -89,15 +89,25 @@ def finish(cfg, run_dir: Path) -> None:
     loop.train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted(tmp_path_factory, overrides: list[str]):
     """The uninterrupted run and the crash points it passes, in order."""
-    cfg = load_config(None, KILL_OVERRIDES)
+    cfg = load_config(None, overrides)
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     with pytest.MonkeyPatch.context() as mp:
         points = fail_at(mp, -1, Kill())
         loop.train(cfg, run_dir)
     return cfg, points, run_state(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory, KILL_OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The same run with local learning (auxiliary networks and their optimizers)."""
+    return uninterrupted(tmp_path_factory, [*KILL_OVERRIDES, "train.method=local"])
 
 
 def first_of_each_kind(points: list[str]) -> list[int]:
@@ -123,8 +133,11 @@ def test_the_reference_run_passes_every_kind_of_write(reference):
     }
 
 
-def test_killed_at_each_kind_of_write_resumes_to_the_same_run(reference, tmp_path, monkeypatch):
-    cfg, points, expected = reference
+@pytest.mark.parametrize("which", ["reference", "local_reference"])
+def test_killed_at_each_kind_of_write_resumes_to_the_same_run(
+    request, which, tmp_path, monkeypatch
+):
+    cfg, points, expected = request.getfixturevalue(which)
     for n in first_of_each_kind(points) + [
         max(i for i, p in enumerate(points) if p == "index.json")
     ]:
