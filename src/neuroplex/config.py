@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,9 +20,43 @@ from neuroplex.errors import ConfigError
 
 
 class StrictModel(BaseModel):
-    """Base for all config sections: unknown keys are errors."""
+    """Base for all config sections: unknown keys are errors, floats are finite, and an integer
+    field takes integers only (not ``true`` nor ``2.0``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_are_integers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            if field is not None and _not_integers(field.annotation, value):
+                raise ValueError(f"{key} = {value!r}: must be an integer")
+        return data
+
+
+SEED = {"ge": 0, "lt": 2**32}  # numpy and scikit-learn take seeds in [0, 2**32)
+
+
+def _is_int(annotation: Any) -> bool:
+    """``int`` or ``int | None`` (possibly Annotated)."""
+    if get_origin(annotation) is Annotated:
+        return _is_int(get_args(annotation)[0])
+    if annotation is int:
+        return True
+    args = set(get_args(annotation))
+    return get_origin(annotation) in (Union, UnionType) and args == {int, type(None)}
+
+
+def _not_integers(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is a bool or float given to an int (or list of int) field."""
+    if _is_int(annotation):
+        return isinstance(value, (bool, float))
+    if get_origin(annotation) is list and _is_int(get_args(annotation)[0]):
+        return isinstance(value, list) and any(isinstance(v, (bool, float)) for v in value)
+    return False
 
 
 class DataConfig(StrictModel):
@@ -43,7 +78,9 @@ class DataConfig(StrictModel):
         0.2, gt=0, lt=1, description="digits/file only: fraction held out as the test split"
     )
     standardize: bool = Field(True, description="scale features with training-split statistics")
-    split_seed: int = Field(0, description="seed of the train/val/test split (fixed across runs)")
+    split_seed: int = Field(
+        0, **SEED, description="seed of the train/val/test split (fixed across runs)"
+    )
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> DataConfig:
@@ -330,7 +367,7 @@ class TrainConfig(StrictModel):
 
 class Config(StrictModel):
     name: str = Field("run", min_length=1, description="run name (prefix of the run dir)")
-    seed: int = Field(0, description="the one seed: init, shuffling, dropout")
+    seed: int = Field(0, **SEED, description="the one seed: init, shuffling, dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
     threads: int | None = Field(
         None,
@@ -342,6 +379,15 @@ class Config(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _name_stays_in_output_dir(self) -> Config:
+        if any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+            raise ValueError(
+                f"name = {self.name!r}: must be a plain name (no '/', '\\', not '.' or '..'); "
+                "the run dir is OUTPUT_DIR/NAME-TIMESTAMP"
+            )
+        return self
 
     @model_validator(mode="after")
     def _plasticity_needs_sparse_stages(self) -> Config:
@@ -418,12 +464,39 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (else the last one wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                duplicate = False
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -443,7 +516,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-3")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {item!r}: value {text!r} is not a valid YAML scalar") from None
     *parents, last = key.split(".")

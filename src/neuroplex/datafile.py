@@ -15,6 +15,8 @@ import numpy as np
 
 from neuroplex.errors import DataError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def read_data_file(
     path: Path, label_column: str | int = "label"
@@ -153,6 +155,12 @@ def _check_features(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         raise DataError(
             f"{path}: x contains {int(bad.sum())} NaN or infinite values "
             f"(first in sample {row}, 0-based)"
+        )
+    largest = float(np.abs(x).max())
+    if largest > FLOAT32_MAX:  # training is float32; standardising would overflow to 0 or inf
+        raise DataError(
+            f"{path}: x holds values up to {largest:.3g}; neuroplex trains in float32, so "
+            f"|x| must be at most {FLOAT32_MAX:.3g}: rescale the features"
         )
     return x
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import stat
 import struct
 from pathlib import Path
@@ -126,9 +127,9 @@ def test_round_trip_tensors_and_state(tmp_path):
 
     assert_same_tensors(loaded.tensors, {k: v.detach() for k, v in ckpt.tensors.items()})
     expected_state = json.loads(json.dumps(ckpt.state))  # tuples become lists, int keys strings
-    assert {k: v for k, v in loaded.state.items() if k not in ("format", "sha256")} == (
-        expected_state
-    )
+    assert {
+        k: v for k, v in loaded.state.items() if k not in ("format", "sha256", "state_sha256")
+    } == (expected_state)
     assert loaded.state["format"] == FORMAT_VERSION
     assert loaded.state["sha256"] == sha256(path / TENSORS)
     assert load_checkpoint(tmp_path, "best").state == loaded.state
@@ -292,9 +293,29 @@ def test_leftovers_of_a_killed_save_are_cleaned(tmp_path):
 
 
 def _rewrite_state(ckpt_dir: Path, **changes) -> None:
+    """Edit state.json and recompute its own checksum, as a deliberate edit would."""
     state = json.loads((ckpt_dir / STATE).read_text(encoding="utf-8"))
     state.update(changes)
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    state["state_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     (ckpt_dir / STATE).write_text(json.dumps(state), encoding="utf-8")
+
+
+def _edit_state_keeping_checksum(ckpt_dir: Path) -> None:
+    state = json.loads((ckpt_dir / STATE).read_text(encoding="utf-8"))
+    state["epoch"] = 7
+    (ckpt_dir / STATE).write_text(json.dumps(state), encoding="utf-8")
+
+
+def _edit_json_file(path: Path, edit) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _replace_dir_by_file(ckpt_dir: Path) -> None:
+    shutil.rmtree(ckpt_dir)
+    ckpt_dir.write_text("x", encoding="utf-8")
 
 
 def _flip_byte(ckpt_dir: Path) -> None:
@@ -363,6 +384,24 @@ CORRUPTIONS = [
         ["epoch-0042", f"missing {STATE}"],
         id="index-names-missing-dir",
     ),
+    pytest.param(_write(INDEX, '{"last": 5}', in_root=True), [INDEX, "'last' = 5"], id="index-int"),
+    pytest.param(
+        _write(INDEX, '{"last": "/etc", "best": "/etc"}', in_root=True),
+        [INDEX, "'/etc'", "checkpoints/"],
+        id="index-outside-checkpoints",
+    ),
+    pytest.param(
+        _write(INDEX, '{"last": "../epoch-0001"}', in_root=True),
+        [INDEX, "'../epoch-0001'"],
+        id="index-parent",
+    ),
+    pytest.param(_edit_state_keeping_checksum, [STATE, "checksum"], id="state-edited"),
+    pytest.param(
+        lambda d: _edit_json_file(d / STATE, lambda state: state.pop("state_sha256")),
+        [STATE, "no checksum of its own"],
+        id="state-without-checksum",
+    ),
+    pytest.param(_replace_dir_by_file, ["epoch-0001", "a file where"], id="dir-is-a-file"),
     pytest.param(
         _write(STATE, "[1, 2]"),
         [STATE, "corrupted"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,9 +19,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuroplex.cli.bench import bench_app
-from neuroplex.cli.common import DEBUG, user_errors
+from neuroplex.cli.common import DEBUG, Terminated, one_line, sigterm_as_interrupt, user_errors
 from neuroplex.config import load_config, to_yaml
 from neuroplex.errors import ConfigError, NeuroplexError
+from neuroplex.files import read_json
+
+try:  # typer >= 0.17 vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 app = typer.Typer(
     add_completion=False,
@@ -86,13 +93,18 @@ def train(
     else:
         cfg = load_config(config, overrides)
         target = run_dir or default_run_dir(cfg.output_dir, cfg.name)
-    summary = run_training(
-        cfg,
-        target,
-        resume=resume is not None,
-        stop_after_epoch=stop_after_epoch,
-        progress=default_progress(),
-    )
+    check_run_dir(target)
+    try:
+        with sigterm_as_interrupt():
+            summary = run_training(
+                cfg,
+                target,
+                resume=resume is not None,
+                stop_after_epoch=stop_after_epoch,
+                progress=default_progress(),
+            )
+    except KeyboardInterrupt as e:
+        raise interrupted(e, target) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     print(f"run dir: {target}")
@@ -102,6 +114,25 @@ def train(
         f"test acc (best val checkpoint, epoch {summary['best_epoch']}): "
         f"{_fmt(summary['test_acc_at_best_val'])}"
     )
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be one before anything is built."""
+    if str(run_dir) in ("", "."):
+        raise ConfigError(f"--run-dir {str(run_dir)!r}: expected a directory path (not '.')")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir}: a file, not a directory")
+
+
+def interrupted(e: KeyboardInterrupt, run_dir: Path) -> typer.Exit:
+    """One line on stderr; exit 130 (SIGINT) or 143 (SIGTERM), as a shell reports them."""
+    from neuroplex.train.rundir import resume_hint
+
+    name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+    started = (run_dir / "config.yaml").is_file()
+    hint = resume_hint(run_dir) if started else "before the run started; nothing to resume"
+    print(f"interrupted ({name}): {hint}", file=sys.stderr)
+    return typer.Exit(143 if isinstance(e, Terminated) else 130)
 
 
 def resume_config(run_dir: Path, config: Path | None, overrides: list[str] | None):
@@ -333,6 +364,9 @@ def report(
         raise NeuroplexError(f"{run_dir}: not a finished run (no summary.json)")
     if baseline is not None and not (baseline / "summary.json").is_file():
         raise NeuroplexError(f"--baseline {baseline}: not a finished run (no summary.json)")
+    for path in (run_dir, baseline):
+        if path is not None:
+            read_json(path / "summary.json")  # one line if it was edited into something else
     for path in bench or []:
         if not path.is_file():
             raise NeuroplexError(f"--bench {path}: file not found")
@@ -349,7 +383,7 @@ def customize(
     data: Annotated[str, typer.Option(help="dataset name (e.g. mnist1d_shifted) or .npz/.csv")],
     out: Annotated[Path, typer.Option(help="output directory")],
     epochs: Annotated[int, typer.Option(min=1)] = 30,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Freeze the run as global expert; train a small local expert and a gate on new data."""
     from neuroplex.train.customize import customize as run_customize
@@ -397,8 +431,30 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: a usage error (unknown command or option, missing or invalid
+    argument) is one line on stderr and exit code 2, like every other user error."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: sys.argv); the exit code."""
+    try:
+        code = app(args=argv, prog_name="neuroplex", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        return 2
+    except ClickException as e:
+        if DEBUG.on:
+            raise
+        where = f"{e.ctx.command_path}: " if getattr(e, "ctx", None) is not None else ""
+        help_hint = f" (see {e.ctx.command_path} --help)" if where else ""
+        print(f"error: {where}{one_line(e.format_message())}{help_hint}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def bench_local(
     """Backprop vs local learning (each aux kind): accuracy, activation memory, RSS, time."""
     from neuroplex.bench.local import METHODS, run, table
 
+    check_positive("--stages", stages)
     for name in method or []:
         if name not in METHODS:
             raise NeuroplexError(f"--method {name!r}: expected one of {', '.join(METHODS)}")

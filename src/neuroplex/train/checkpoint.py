@@ -5,7 +5,7 @@ Layout inside a run directory::
     checkpoints/
       index.json            {"last": "epoch-0004", "best": "epoch-0003"}
       epoch-0004/tensors.safetensors
-      epoch-0004/state.json  (includes the sha256 of tensors.safetensors)
+      epoch-0004/state.json  (includes the sha256 of tensors.safetensors, and of itself)
 
 A checkpoint directory is written under a temporary name, fsynced and renamed into place; only
 then is ``index.json`` replaced (atomically), and only then are unreferenced directories removed.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from neuroplex.errors import CheckpointError
-from neuroplex.files import atomic_write_json, current_umask, fsync_dir
+from neuroplex.errors import CheckpointError, NeuroplexError
+from neuroplex.files import atomic_write_json, crash_point, current_umask, fsync_dir
 
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 INDEX = "index.json"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a checkpoint directory inside checkpoints/
 
 
 @dataclass
@@ -52,27 +54,52 @@ def save_checkpoint(run_dir: Path, name: str, ckpt: Checkpoint, *, best: bool) -
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 directories
-    tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
-    save_file(tensors, str(tmp / TENSORS))
-    os.chmod(tmp / TENSORS, 0o666 & ~current_umask())  # safetensors writes 0600
-    state = {**ckpt.state, "format": FORMAT_VERSION, "sha256": _sha256(tmp / TENSORS)}
-    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    for f in (TENSORS, STATE):
-        with open(tmp / f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        _write_files(tmp, ckpt)
+    except (OSError, NeuroplexError):
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: leave nothing half-written
+        raise
     target = root / name
-    if target.exists():  # left by a run killed after the rename but before the index update
+    if target.is_dir():  # left by a run killed after the rename but before the index update
         shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
     os.replace(tmp, target)
     fsync_dir(root)
+    crash_point(target)
     index = read_index(run_dir) if (root / INDEX).exists() else {}
     index["last"] = name
     if best or "best" not in index:
         index["best"] = name
     atomic_write_json(root / INDEX, index)
+    crash_point(root)
     _remove_unreferenced(root, set(index.values()))
     return target
+
+
+def _write_files(tmp: Path, ckpt: Checkpoint) -> None:
+    """The tensors and the state (with both checksums) into ``tmp``, fsynced."""
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 directories
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
+    try:
+        save_file(tensors, str(tmp / TENSORS))
+    except SafetensorError as e:  # safetensors reports OS errors (ENOSPC) as its own type
+        raise NeuroplexError(f"cannot write {tmp / TENSORS}: {e}") from None
+    crash_point(tmp / TENSORS)
+    os.chmod(tmp / TENSORS, 0o666 & ~current_umask())  # safetensors writes 0600
+    state = {**ckpt.state, "format": FORMAT_VERSION, "sha256": _sha256(tmp / TENSORS)}
+    state["state_sha256"] = state_digest(state)
+    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    crash_point(tmp / STATE)
+    for f in (TENSORS, STATE):
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """sha256 of ``state`` without its own ``state_sha256`` (canonical JSON, sorted keys)."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def read_index(run_dir: str | os.PathLike) -> dict[str, str]:
@@ -85,6 +112,12 @@ def read_index(run_dir: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: corrupted (not valid JSON)") from None
     if not isinstance(index, dict) or "last" not in index:
         raise CheckpointError(f"{path}: corrupted (expected keys 'last' and 'best')")
+    for key, name in index.items():
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise CheckpointError(
+                f"{path}: corrupted ({key!r} = {name!r}; expected the name of a checkpoint "
+                "directory in checkpoints/, e.g. 'epoch-0004')"
+            )
     return index
 
 
@@ -94,6 +127,8 @@ def load_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Checkpoi
     if which not in index:
         raise CheckpointError(f"{run_dir}: no '{which}' checkpoint (have: {', '.join(index)})")
     ckpt_dir = checkpoint_root(run_dir) / index[which]
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: corrupted (a file where a checkpoint directory was)")
     try:
         state = json.loads((ckpt_dir / STATE).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -106,6 +141,13 @@ def load_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Checkpoi
         raise CheckpointError(
             f"{ckpt_dir}: format {state.get('format')!r}, this neuroplex reads {FORMAT_VERSION}"
         )
+    if "state_sha256" not in state:
+        raise CheckpointError(
+            f"{ckpt_dir / STATE}: has no checksum of its own (edited, or written by a neuroplex "
+            "before 0.1.0's reliability checks); train the run again"
+        )
+    if state["state_sha256"] != state_digest(state):
+        raise CheckpointError(f"{ckpt_dir / STATE}: corrupted (its checksum does not match)")
     path = ckpt_dir / TENSORS
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir}: missing {TENSORS}")

@@ -7,7 +7,8 @@ Run directory written (by rank 0) through neuroplex.train.rundir::
     plasticity.jsonl one JSON line per rewiring event (neuroplex.train.plasticity), if enabled
     checkpoints/     see neuroplex.train.checkpoint
     rewind/          epoch-EEEE.safetensors: model weights after the epochs in train.save_epochs
-    summary.json     final figures, written when the run ends (or stops, or diverges)
+    summary.json     final figures, written when the run ends (or stops, diverges, is interrupted)
+    .lock            held by the one process writing the run (neuroplex.train.runlock)
 
 Shape legend: ``b`` batch, ``d`` features.
 """
@@ -35,12 +36,15 @@ from neuroplex.train.parallel import World, close_world, init_world
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.rundir import (
     LoopState,
+    kept_checkpoint,
     restore,
+    resume_hint,
     save,
     save_rewind_point,
     start_run_dir,
     write_summary,
 )
+from neuroplex.train.runlock import run_dir_lock
 from neuroplex.train.setup import Setup, build_setup
 
 
@@ -72,14 +76,16 @@ def train(
                 f"train.parallel = {cfg.train.parallel}: a prepared (e.g. pruned) model trains "
                 "in one process; set train.parallel = 1"
             )
-        return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)
+        with run_dir_lock(run_dir):
+            return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)
     world = init_world()
     try:
-        s = build_setup(cfg, world, prepare)
-        if not world.is_main:
-            progress = None  # one progress display, on rank 0
-        state = restore(run_dir, s) if resume else start_run_dir(run_dir, s, start_epoch)
-        return run_epochs(s, state, run_dir, stop_after_epoch, progress or NullProgress())
+        with run_dir_lock(run_dir, enabled=world.is_main):
+            s = build_setup(cfg, world, prepare)
+            if not world.is_main:
+                progress = None  # one progress display, on rank 0
+            state = restore(run_dir, s) if resume else start_run_dir(run_dir, s, start_epoch)
+            return run_epochs(s, state, run_dir, stop_after_epoch, progress or NullProgress())
     finally:
         close_world(world)
 
@@ -115,6 +121,10 @@ def run_epochs(
                 save(run_dir, s, state, best=record["is_best"])
     except TrainingDiverged as e:
         write_summary(run_dir, s, state, status="diverged", error=str(e))
+        raise
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the CLI raises it
+        why = f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}); {resume_hint(run_dir)}"
+        write_summary(run_dir, s, state, status="interrupted", error=why)
         raise
     finally:
         progress.close()
@@ -187,8 +197,8 @@ def train_batch(
     if s.world.any(not math.isfinite(loss)):
         raise TrainingDiverged(
             f"loss became {loss} at step {state.step + 1} (epoch "
-            f"{state.step // s.steps_per_epoch + 1}); the last good checkpoint is kept in "
-            f"{run_dir / 'checkpoints'}. Lower train.lr or set train.grad_clip."
+            f"{state.step // s.steps_per_epoch + 1}); {kept_checkpoint(run_dir)}. Lower "
+            "train.lr or set train.grad_clip."
         )
     state.step += 1
     s.plasticity.after_step(state.step, run_dir)  # rewiring, every train.plasticity.every

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -100,10 +101,34 @@ def train_pipeline(
         job = Job(cfg, run_dir, resume, stop_after_epoch, shown, f"file://{tmp}/store")
         try:
             with quiet_spawn():
-                mp.spawn(_worker, args=(job, errors), nprocs=n, join=True)
+                context = mp.spawn(_worker, args=(job, errors), nprocs=n, join=False)
+                join_workers(context)
         except ProcessException as e:  # the others were terminated: no hang
             raise worker_failure(e, errors, run_dir) from e
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def join_workers(context: mp.ProcessContext) -> None:
+    """Wait for every worker. Interrupted (Ctrl-C reaches the workers too; SIGTERM only this
+    process), make sure each worker gets SIGINT, so rank 0 writes the interrupted summary, then
+    wait for them to end."""
+    try:
+        while not context.join():
+            pass
+    except KeyboardInterrupt:
+        for p in context.processes:
+            p.join(STOP_GRACE_S)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+        for p in context.processes:
+            p.join(STOP_WAIT_S)
+            if p.is_alive():
+                p.kill()
+        raise
+
+
+STOP_GRACE_S = 2.0  # a worker that got Ctrl-C itself has ended by then, or is writing the summary
+STOP_WAIT_S = 60.0  # then a worker still running is killed
 
 
 @contextmanager
@@ -148,11 +173,14 @@ def worker_failure(e: ProcessException, errors: Any, run_dir: Path) -> Neuroplex
 
 def _worker(rank: int, job: Job, errors: Any) -> None:
     """Entry point of pipeline process ``rank``; a NeuroplexError goes to the parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent's stop request
     try:
         run_worker(rank, job)
     except NeuroplexError as e:
         errors.put((rank, e))
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # the parent reports the interruption, in one line
+        raise SystemExit(130) from None
 
 
 def run_worker(rank: int, job: Job) -> dict[str, Any]:

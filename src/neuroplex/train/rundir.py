@@ -10,7 +10,8 @@ import hashlib
 import json
 import platform
 import re
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 import neuroplex
-from neuroplex.config import Config, to_yaml
-from neuroplex.errors import ConfigError
+from neuroplex.config import Config, load_config, to_yaml
+from neuroplex.errors import CheckpointError, ConfigError
 from neuroplex.files import (
     atomic_write,
     atomic_write_json,
@@ -30,9 +31,12 @@ from neuroplex.files import (
     read_jsonl,
 )
 from neuroplex.train.checkpoint import (
+    INDEX,
     Checkpoint,
+    checkpoint_root,
     load_checkpoint,
     load_module_state,
+    read_index,
     save_checkpoint,
 )
 from neuroplex.train.memory import peak_rss_bytes
@@ -93,29 +97,84 @@ def save(run_dir: Path, s: Setup, state: LoopState, *, best: bool) -> None:
 
 
 def restore(run_dir: Path, s: Setup) -> LoopState:
-    """Load the last checkpoint into ``s`` and drop metrics logged after it."""
+    """Load the last checkpoint into ``s`` and drop metrics logged after it. A run killed before
+    its first checkpoint starts again from step 0 (``s`` is freshly built, as a new run's)."""
+    if s.world.is_main:
+        remove_leftovers(run_dir)
+    if not (checkpoint_root(run_dir) / INDEX).is_file():
+        return restart(run_dir, s)
     ckpt = load_checkpoint(run_dir, "last")
     if ckpt.state.get("config_digest") != config_digest(s.cfg):
         raise ConfigError(
             f"{run_dir}: the checkpoint was written with a different config than "
             f"{run_dir / 'config.yaml'}; resume with the run's own config"
         )
+    try:
+        state = load_state(s, ckpt)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointError(
+            f"{checkpoint_root(run_dir)}: the last checkpoint does not fit this run "
+            f"({type(e).__name__}: {e}); was it edited?"
+        ) from e
+    if s.world.is_main:
+        truncate_logs(run_dir, state)
+    return state
+
+
+def load_state(s: Setup, ckpt: Checkpoint) -> LoopState:
+    """Model, method, RNG and loop state from ``ckpt`` into ``s``; the loop state."""
+    state = loop_state(ckpt.state["loop"])
     restore_wirings(s.model, ckpt.state.get("wirings", {}))  # before the shapes are checked
     load_module_state(s.model, ckpt.tensors, "model.")
     load_method_state(s, ckpt)
     ranks = ckpt.state["rng"]["ranks"]  # exact resume needs the same number of ranks
     set_rng_state(json.loads(ranks[s.world.rank % len(ranks)]), s.device)
-    state = LoopState(**ckpt.state["loop"])
-    if s.world.is_main:
-        truncate_jsonl(run_dir / "metrics.jsonl", "epoch", state.epoch)
-        truncate_jsonl(run_dir / PLASTICITY_LOG, "step", state.step)
     return state
+
+
+def loop_state(raw: dict[str, Any]) -> LoopState:
+    """``LoopState`` from its JSON form; ValueError on a missing, extra or ill-typed field."""
+    names = {f.name for f in fields(LoopState)}
+    if not isinstance(raw, dict) or set(raw) != names:
+        raise ValueError(f"loop state must have the keys {sorted(names)}")
+    for key in ("epoch", "step", "activation_peak"):
+        if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < 0:
+            raise ValueError(f"loop.{key} = {raw[key]!r}: expected an integer >= 0")
+    return LoopState(**raw)
+
+
+def restart(run_dir: Path, s: Setup) -> LoopState:
+    """Resume a run that has no checkpoint: from the start, its logs emptied. (A checkpoint
+    directory that no index names yet is replaced when that epoch is saved again.)"""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
+    if to_yaml(load_config(saved)) != to_yaml(s.cfg):
+        raise ConfigError(f"{run_dir}: resume with the run's own config ({saved})")
+    state = LoopState()
+    if s.world.is_main:
+        truncate_logs(run_dir, state)
+    return state
+
+
+def truncate_logs(run_dir: Path, state: LoopState) -> None:
+    truncate_jsonl(run_dir / "metrics.jsonl", "epoch", state.epoch)
+    truncate_jsonl(run_dir / PLASTICITY_LOG, "step", state.step)
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Temporary files and checkpoint directories of a killed session (never referenced)."""
+    for tmp in checkpoint_root(run_dir).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for folder in (run_dir, checkpoint_root(run_dir), run_dir / "rewind"):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def truncate_jsonl(path: Path, key: str, last: int) -> None:
     """Drop the lines of ``path`` whose ``key`` is past ``last`` (logged after the checkpoint)."""
     if path.exists():
-        kept = [r for r in read_jsonl(path) if r[key] <= last]
+        kept = [r for r in read_jsonl(path, key) if r[key] <= last]
         atomic_write_text(path, "".join(json_line(r) for r in kept))
 
 
@@ -150,7 +209,8 @@ def write_summary(
     run_dir: Path, s: Setup, state: LoopState, *, status: str, error: str | None = None
 ) -> dict[str, Any]:
     """Final figures of the run; test accuracy of the final model and of the best checkpoint."""
-    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    path = run_dir / "metrics.jsonl"
+    metrics = read_jsonl(path, "epoch") if path.exists() else []
     final = metrics[-1] if metrics else {}
     best = next((r for r in metrics if r["epoch"] == state.best_epoch), {})
     data = s.data
@@ -193,6 +253,23 @@ def min_expert_load(record: dict[str, Any]) -> float | None:
     expert shows as ~0. ``None`` without MoE stages."""
     loads = [v for k, v in record.items() if re.fullmatch(r"stage\d+\.load\.\d+", k)]
     return min(loads, default=None)
+
+
+def kept_checkpoint(run_dir: Path) -> str:
+    """What a run that stops now leaves to resume from, as a clause of a sentence."""
+    root = checkpoint_root(run_dir)
+    if not (root / INDEX).is_file():
+        return f"no checkpoint was written yet (none in {root})"
+    try:
+        last = read_index(run_dir)["last"]
+    except CheckpointError:
+        return f"{root / INDEX} is unreadable"
+    return f"the last good checkpoint, {last}, is kept in {root}"
+
+
+def resume_hint(run_dir: Path) -> str:
+    """One clause: what is kept and the command that continues the run."""
+    return f"{kept_checkpoint(run_dir)}; continue with `neuroplex train --resume {run_dir}`"
 
 
 def rewind_path(run_dir: Path, epoch: int) -> Path:

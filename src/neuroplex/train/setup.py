@@ -64,15 +64,42 @@ def build_setup(
     device = resolve_device(cfg.device, world or World())
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
+    model = build_model(cfg, data, device)
     if prepare is not None:
         prepare(model)
     method = METHODS[cfg.train.method](model, cfg)
     s = Setup(cfg, device, data, model, method, world or World())
+    check_batchnorm_batches(s)
     s.plasticity = build_plasticity(
         cfg, model, method.optimizers, data.train, s.total_steps, s.world
     )
     return s
+
+
+def build_model(cfg: Config, data: Dataset, device: torch.device) -> Network:
+    """The network of ``cfg.model``; ConfigError if it cannot be allocated."""
+    try:
+        return build_network(cfg.model, data.n_features, data.n_classes).to(device)
+    except (RuntimeError, MemoryError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.stages: the network cannot be allocated ({first[:160]}); make the stages "
+            "smaller"
+        ) from e
+
+
+def check_batchnorm_batches(s: Setup) -> None:
+    """Batchnorm cannot normalise a training batch of one sample: refuse a batch size that
+    makes one (every batch, or the last of each epoch)."""
+    bs, n = s.cfg.train.batch_size, len(s.data.train)
+    norms = (m for part in s.method.modules() for m in part.modules())
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in norms)
+    if batchnorm and (bs == 1 or n % bs == 1):
+        which = "every batch" if bs == 1 else "the last batch of each epoch"
+        raise ConfigError(
+            f"train.batch_size = {bs}: with {n} training samples {which} has 1 sample, which "
+            "batchnorm cannot normalise; choose another batch size or norm: layernorm"
+        )
 
 
 def resolve_device(name: str, world: World) -> torch.device:
