@@ -372,6 +372,7 @@ class Config(StrictModel):
     threads: int | None = Field(
         None,
         ge=1,
+        le=4096,
         description="torch CPU threads; null = torch default (1 per process when "
         "train.parallel > 1)",
     )
