@@ -74,7 +74,7 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", which: str = "be
     gate_split = "val" if s.data.val is not None else "train"
     fit = getattr(s.data, gate_split)
     report: dict[str, Any] = {"split": split, "checkpoint": which, "gates_trained_on": gate_split}
-    report.update(exit_report(s.model, heads, fit.x, fit.y, data.x, data.y))
+    report.update(exit_report(s.model, heads, fit.inputs(), fit.y, data.inputs(), data.y))
     for key in ("confidence", "gate"):
         report[f"{key}_best_within_1pt"] = best_saving(report[key], report["full"])
     atomic_write_json(run_dir / "exits.json", report)
