@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from neuroplex import images
-from neuroplex.config import DataConfig
+from neuroplex.config import DataConfig, load_config
 from neuroplex.data import load_dataset
 from neuroplex.errors import ConfigError, DataError
 
@@ -203,10 +203,11 @@ def test_digits_and_mnist1d_as_images():
 
 
 def test_file_as_image_and_augmenting_vectors_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="data.name: images"):
-        load_dataset(DataConfig(name="file", path=tmp_path / "a.npz", shape="image"))
-    with pytest.raises(ConfigError, match="crop and flip need images"):
-        load_dataset(DataConfig(name="digits", augment={"flip": True}))
+    with pytest.raises(ConfigError, match=r"data.shape = 'image'.*use name: images"):
+        load_config(None, ["data.name=file", "data.path=a.npz", "data.shape=image"])
+    with pytest.raises(ConfigError, match=r"data.augment = .*crop and flip need images"):
+        load_config(None, ["data.name=digits", "data.augment.flip=true"])
+    assert load_config(None, ["data.name=digits", "data.shape=image", "data.augment.crop=1"])
 
 
 # ---------------------------------------------------------------------------------------------

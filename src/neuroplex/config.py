@@ -95,7 +95,22 @@ class DataConfig(StrictModel):
             raise ValueError(f"path: missing: name={self.name} needs {what} path")
         if self.name == "idx" and self.root is None:
             raise ValueError("root: missing: name=idx needs the folder of the IDX files")
+        if self.name == "file" and self.shape == "image":
+            raise ValueError(
+                "shape = 'image': name=file holds vectors [samples, features]; "
+                "use name: images for an image .npz or folder"
+            )
+        if not self.images and (self.augment.crop or self.augment.flip):
+            raise ValueError(
+                f"augment = {self.augment.model_dump()}: crop and flip need images; "
+                f"set shape: image for {self.name}, or use an image dataset"
+            )
         return self
+
+    @property
+    def images(self) -> bool:
+        """Whether samples are images (scaled per channel, augmentable), flattened or not."""
+        return self.name in ("fashion_mnist", "idx", "images") or self.shape == "image"
 
 
 class DenseStageConfig(StrictModel):

@@ -38,7 +38,7 @@ from neuroplex.builtin import (
 )
 from neuroplex.config import AugmentConfig, DataConfig
 from neuroplex.datafile import read_data_file
-from neuroplex.errors import ConfigError, DataError
+from neuroplex.errors import DataError
 from neuroplex.images import (
     FASHION_MNIST_CLASSES,
     fashion_mnist_root,
@@ -48,7 +48,6 @@ from neuroplex.images import (
 from neuroplex.pixels import Draw, Pixels, channel_stats, draw_augmentation
 
 STD_FLOOR = 1e-8
-IMAGE_DATASETS = ("fashion_mnist", "idx", "images")
 Parts = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
@@ -129,19 +128,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
     Raises DataError (one line, naming the file) for unusable user files.
     """
-    if cfg.name == "file" and cfg.shape == "image":
-        raise ConfigError(
-            "data.shape = 'image': name=file holds vectors [samples, features]; "
-            "use data.name: images for an image .npz or folder"
-        )
     parts, names = _parts(cfg)
-    if cfg.name in IMAGE_DATASETS or cfg.shape == "image":
+    if cfg.images:
         return _assemble_images(cfg, parts, names)
-    if cfg.augment.crop or cfg.augment.flip:
-        raise ConfigError(
-            f"data.augment = {cfg.augment.model_dump()}: crop and flip need images; "
-            f"set data.shape: image for {cfg.name}, or use an image dataset"
-        )
     return _assemble(cfg.name, parts, names, cfg.standardize)
 
 
