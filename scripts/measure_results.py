@@ -46,6 +46,7 @@ CONFIGS = [
     "configs/mnist1d_moe.yaml",
     "configs/mnist1d_modular.yaml",
     "configs/digits_mlp.yaml",
+    "configs/fmnist_mlp.yaml",  # needs the Fashion-MNIST IDX files (README: Datasets)
 ]
 
 

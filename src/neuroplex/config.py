@@ -59,12 +59,48 @@ def _not_integers(annotation: Any, value: Any) -> bool:
     return False
 
 
+class IdxFilesConfig(StrictModel):
+    """The four MNIST-format (IDX) files; relative paths are under ``data.root``, and each is
+    also looked for with ``.gz`` appended."""
+
+    train_images: str = Field("train-images-idx3-ubyte", description="training images [N, H, W]")
+    train_labels: str = Field("train-labels-idx1-ubyte", description="training labels [N]")
+    test_images: str = Field("t10k-images-idx3-ubyte", description="test images [M, H, W]")
+    test_labels: str = Field("t10k-labels-idx1-ubyte", description="test labels [M]")
+
+
+class AugmentConfig(StrictModel):
+    """Training-batch augmentation of images, drawn per sample from (seed, epoch, step)."""
+
+    crop: int = Field(0, ge=0, description="random crop after zero padding by this many pixels")
+    flip: bool = Field(False, description="horizontal flip (last axis) with probability 1/2")
+
+
 class DataConfig(StrictModel):
-    name: Literal["mnist1d", "mnist1d_shifted", "digits", "file"] = Field(
+    name: Literal[
+        "mnist1d", "mnist1d_shifted", "digits", "fashion_mnist", "idx", "images", "file"
+    ] = Field(
         "mnist1d",
-        description="dataset; mnist1d is generated offline, digits ships with scikit-learn",
+        description="dataset; mnist1d is generated offline, digits ships with scikit-learn, "
+        "fashion_mnist/idx read IDX files from data.root, images a .npz or folder at data.path",
     )
-    path: Path | None = Field(None, description="for name=file: a .npz (arrays x, y) or .csv")
+    path: Path | None = Field(
+        None,
+        description="name=file: a .npz (arrays x, y) or .csv; name=images: a .npz (x [N, H, W] "
+        "or [N, C, H, W], y) or a folder with one subfolder of PNG/JPEG files per class",
+    )
+    root: Path | None = Field(
+        None,
+        description="fashion_mnist/idx: folder of the IDX files; fashion_mnist defaults to "
+        "$NEUROPLEX_DATA/fashion-mnist, then /usr/share/datasets/fashion-mnist",
+    )
+    idx_files: IdxFilesConfig = Field(default_factory=IdxFilesConfig)
+    shape: Literal["flat", "image"] = Field(
+        "flat",
+        description="flat: vectors [n, d] for dense/sparse/moe stages; image: [n, C, H, W] "
+        "([n, 1, 8, 8] digits, [n, 1, 40] mnist1d) for convolutional stages",
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     label_column: str | int = Field(
         "label", description="for .csv files: the label column, by header name or 0-based index"
     )
@@ -75,18 +111,43 @@ class DataConfig(StrictModel):
         0.1, ge=0, lt=1, description="fraction of the training split held out for validation"
     )
     test_fraction: float = Field(
-        0.2, gt=0, lt=1, description="digits/file only: fraction held out as the test split"
+        0.2,
+        gt=0,
+        lt=1,
+        description="digits/images/file only: fraction held out as the test split",
     )
-    standardize: bool = Field(True, description="scale features with training-split statistics")
+    standardize: bool = Field(
+        True,
+        description="scale with training-split statistics: per feature (vectors), per channel "
+        "(images and data.shape=image)",
+    )
     split_seed: int = Field(
         0, **SEED, description="seed of the train/val/test split (fixed across runs)"
     )
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> DataConfig:
-        if self.name == "file" and self.path is None:
-            raise ValueError("path: missing: name=file needs a .npz or .csv path")
+        if self.name in ("file", "images") and self.path is None:
+            what = "a .npz or .csv" if self.name == "file" else "an image .npz or folder"
+            raise ValueError(f"path: missing: name={self.name} needs {what} path")
+        if self.name == "idx" and self.root is None:
+            raise ValueError("root: missing: name=idx needs the folder of the IDX files")
+        if self.name == "file" and self.shape == "image":
+            raise ValueError(
+                "shape = 'image': name=file holds vectors [samples, features]; "
+                "use name: images for an image .npz or folder"
+            )
+        if not self.images and (self.augment.crop or self.augment.flip):
+            raise ValueError(
+                f"augment = {self.augment.model_dump()}: crop and flip need images; "
+                f"set shape: image for {self.name}, or use an image dataset"
+            )
         return self
+
+    @property
+    def images(self) -> bool:
+        """Whether samples are images (scaled per channel, augmentable), flattened or not."""
+        return self.name in ("fashion_mnist", "idx", "images") or self.shape == "image"
 
 
 class DenseStageConfig(StrictModel):

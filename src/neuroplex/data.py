@@ -1,9 +1,14 @@
-"""Datasets: MNIST-1D (generated offline, cached), scikit-learn digits, and user files.
+"""Datasets: MNIST-1D (generated offline, cached), scikit-learn digits, Fashion-MNIST and other
+IDX files, image .npz files and folders (neuroplex.images), and user feature files.
 
-``load_dataset(cfg)`` returns a :class:`Dataset` of float32 features ``[n, d]`` and int64
+``load_dataset(cfg)`` returns a :class:`Dataset` of samples ``[n, *input_shape]`` and int64
 labels ``[n]`` split into train / val / test. Splits are stratified by label when possible and
-seeded by ``cfg.split_seed``, so the same config always gives identical tensors. Features are
-standardised with statistics of the training split only.
+seeded by ``cfg.split_seed``, so the same config always gives identical tensors. Vectors are
+float32, standardised per feature with statistics of the training split only. Images (and
+``data.shape: image``) keep their stored pixels (uint8 stays uint8) and become float32 per batch
+through :meth:`Split.inputs`, standardised per channel with training-split statistics and, for
+training batches, augmented (neuroplex.pixels). Read a split's model inputs with
+``split.inputs(...)``, never ``split.x`` directly.
 
 A bad user file raises :class:`~neuroplex.errors.DataError` with one line naming the file and
 the problem, e.g. ``data error: /x/foo.npz: array 'x' has shape (10,), expected 2-D``.
@@ -11,57 +16,70 @@ the problem, e.g. ``data error: /x/foo.npz: array 'x' has shape (10,), expected 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
 import os
-import random
-import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from neuroplex.config import DataConfig
+from neuroplex.builtin import (
+    DIGITS_CLASSES,
+    DIGITS_FEATURES,
+    DIGITS_SAMPLES,
+    MNIST1D_CLASSES,
+    MNIST1D_FEATURES,
+    MNIST1D_VARIANTS,
+    digits_arrays,
+    mnist1d_arrays,
+)
+from neuroplex.config import AugmentConfig, DataConfig
 from neuroplex.datafile import read_data_file
 from neuroplex.errors import DataError
-from neuroplex.files import atomic_write
+from neuroplex.images import (
+    FASHION_MNIST_CLASSES,
+    fashion_mnist_root,
+    read_idx_dataset,
+    read_images,
+)
+from neuroplex.pixels import Draw, Pixels, channel_stats, draw_augmentation
 
-log = logging.getLogger(__name__)
-
-MNIST1D_FEATURES = 40
-MNIST1D_CLASSES = 10
-DIGITS_SAMPLES = 1797
-DIGITS_FEATURES = 64
-DIGITS_CLASSES = 10
 STD_FLOOR = 1e-8
-_MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
-# Generation arguments changed from mnist1d's defaults. `mnist1d_shifted` is a shifted
-# distribution (wider padding and translation, stronger scaling; other samples): a user's own
-# data for `neuroplex customize`, built in. A network trained on mnist1d loses ~13 points on it.
-MNIST1D_VARIANTS: dict[str, dict[str, Any]] = {
-    "mnist1d": {},
-    "mnist1d_shifted": {"padding": [48, 72], "max_translation": 60, "scale_coeff": 0.5, "seed": 7},
-}
+Parts = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split: features ``x`` [n, d] float32 and labels ``y`` [n] int64 in 0..C-1."""
+    """One split: samples ``x`` [n, *input_shape] and labels ``y`` [n] int64 in 0..C-1.
+
+    Without ``pixels``, ``x`` holds float32 model inputs. With it, ``x`` holds stored images
+    (uint8 or float32, as ``[n, c, *s]`` or flattened ``[n, c * prod(s)]``) that
+    :meth:`inputs` turns into float32 inputs.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    pixels: Pixels | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def inputs(
+        self, idx: torch.Tensor | slice | None = None, draw: Draw | None = None
+    ) -> torch.Tensor:
+        """Float32 model inputs ``[b, *input_shape]`` of samples ``idx`` (all when None),
+        augmented by ``draw`` (images only)."""
+        x = self.x if idx is None else self.x[idx]
+        return x if self.pixels is None else self.pixels.inputs(x, draw)
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train / val / test splits; ``val`` is None when ``val_fraction`` is 0."""
+    """Train / val / test splits; ``val`` is None when ``val_fraction`` is 0. ``augment``
+    applies to training batches of images (:meth:`train_batch`)."""
 
     name: str
     train: Split
@@ -70,6 +88,33 @@ class Dataset:
     n_features: int
     n_classes: int
     class_names: list[str]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def train_batch(
+        self,
+        idx: torch.Tensor,
+        key: tuple[int, int, int],
+        shard: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs ``[b, *input_shape]`` float32 and labels ``[b]`` of the global batch of
+        training indices ``idx`` ``[n]``, cut to this rank's part by ``shard``; images are
+        augmented per sample by draws for the global batch from ``key`` = (seed, epoch, step)."""
+        pixels, draw = self.train.pixels, None
+        if pixels is not None:
+            draw = draw_augmentation(self.augment, len(pixels.shape) - 1, len(idx), key)
+        idx = shard(idx)
+        return self.train.inputs(idx, draw and draw.map(shard)), self.train.y[idx]
+
+    def scaling(self) -> dict[str, list[float]] | None:
+        """Per-channel ``mean`` and ``std`` the images are standardised with (None: vectors)."""
+        pixels = self.train.pixels
+        if pixels is None:
+            return None
+        return {"mean": pixels.mean.tolist(), "std": pixels.std.tolist()}
 
 
 def cache_dir() -> Path:
@@ -83,31 +128,46 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
     Raises DataError (one line, naming the file) for unusable user files.
     """
-    if cfg.name in MNIST1D_VARIANTS:
-        x, y, x_test, y_test = _mnist1d_arrays(cfg.num_samples, MNIST1D_VARIANTS[cfg.name])
-        names = [str(i) for i in range(MNIST1D_CLASSES)]
-        source = "mnist1d"
-        keep, val = _carve(y, cfg.val_fraction, len(names), len(y_test), cfg.split_seed, source)
-        parts = {"train": (x[keep], y[keep]), "test": (x_test, y_test)}
-        if val is not None:
-            parts["val"] = (x[val], y[val])
-    else:
-        if cfg.name == "digits":
-            x, y, names = _digits_arrays()
-            source = "digits"
-        else:
-            assert cfg.path is not None  # enforced by DataConfig
-            x, y, names = read_data_file(Path(cfg.path), cfg.label_column)
-            source = str(cfg.path)
-        parts = _split_three(x, y, len(names), cfg, source)
+    parts, names = _parts(cfg)
+    if cfg.images:
+        return _assemble_images(cfg, parts, names)
     return _assemble(cfg.name, parts, names, cfg.standardize)
+
+
+def _parts(cfg: DataConfig) -> tuple[Parts, list[str]]:
+    """The raw train / val / test arrays ``(x [n, ...], y [n])`` and the class names."""
+    if cfg.name in MNIST1D_VARIANTS:
+        x, y, x_test, y_test = mnist1d_arrays(
+            cfg.num_samples, MNIST1D_VARIANTS[cfg.name], cache_dir()
+        )
+        names = [str(i) for i in range(MNIST1D_CLASSES)]
+        return _with_val((x, y), (x_test, y_test), len(names), cfg, "mnist1d"), names
+    if cfg.name in ("fashion_mnist", "idx"):
+        fashion = cfg.name == "fashion_mnist"
+        root = fashion_mnist_root(cfg.root, cfg.idx_files) if fashion else cfg.root
+        assert root is not None  # enforced by DataConfig
+        given = FASHION_MNIST_CLASSES if fashion else None
+        train, test, names = read_idx_dataset(Path(root), cfg.idx_files, given)
+        return _with_val(train, test, len(names), cfg, str(root)), names
+    if cfg.name == "digits":
+        x, y, names = digits_arrays()
+        source = "digits"
+    else:
+        assert cfg.path is not None  # enforced by DataConfig
+        path = Path(cfg.path)
+        if cfg.name == "images":
+            x, y, names = read_images(path, cache_dir())
+        else:
+            x, y, names = read_data_file(path, cfg.label_column)
+        source = str(cfg.path)
+    return _split_three(x, y, len(names), cfg, source), names
 
 
 def describe_datasets() -> list[dict[str, Any]]:
     """One dict per dataset (name, samples, features, classes, description), without loading.
 
-    For ``file`` the sizes are None (they depend on the file); the description says what the
-    file must contain.
+    For ``idx``, ``images`` and ``file`` the sizes are None (they depend on the files); the
+    description says what they must contain.
     """
     return [
         {
@@ -133,6 +193,31 @@ def describe_datasets() -> list[dict[str, Any]]:
             "classes": DIGITS_CLASSES,
             "description": "scikit-learn 8x8 handwritten digits (bundled, no download); "
             "test split = data.test_fraction",
+        },
+        {
+            "name": "fashion_mnist",
+            "samples": 70000,
+            "features": 784,
+            "classes": 10,
+            "description": "Fashion-MNIST, 28x28 grey (official 60000 train / 10000 test) from "
+            "its IDX files in data.root, $NEUROPLEX_DATA/fashion-mnist or "
+            "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)",
+        },
+        {
+            "name": "idx",
+            "samples": None,
+            "features": None,
+            "classes": None,
+            "description": "MNIST-format IDX files (MNIST, KMNIST, EMNIST...) in data.root, named "
+            "by data.idx_files (train/test images and labels, .gz optional)",
+        },
+        {
+            "name": "images",
+            "samples": None,
+            "features": None,
+            "classes": None,
+            "description": "your data.path: an image .npz (x [N, H, W] or [N, C, H, W], uint8 or "
+            "float; y [N]) or a folder with one subfolder of PNG/JPEG files per class",
         },
         {
             "name": "file",
@@ -164,6 +249,22 @@ def _split_three(
     parts["train"] = (x[rest][keep], y[rest][keep])
     if val is not None:
         parts["val"] = (x[rest][val], y[rest][val])
+    return parts
+
+
+def _with_val(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    cfg: DataConfig,
+    source: str,
+) -> Parts:
+    """Given train and test arrays, carve val (``cfg.val_fraction``) out of train."""
+    (x, y), n_test = train, len(test[1])
+    keep, val = _carve(y, cfg.val_fraction, n_classes, n_test, cfg.split_seed, source)
+    parts = {"train": (x[keep], y[keep]), "test": test}
+    if val is not None:
+        parts["val"] = (x[val], y[val])
     return parts
 
 
@@ -244,98 +345,42 @@ def _assemble(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# built-in datasets
-
-
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """scikit-learn digits: x [1797, 64] float64, y [1797] int64, class names '0'..'9'."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return x.astype(np.float64), y.astype(np.int64), [str(i) for i in range(DIGITS_CLASSES)]
-
-
-def _mnist1d_arrays(
-    num_samples: int, changes: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNIST-1D (x [0.8N, 40], y [0.8N], x_test [0.2N, 40], y_test [0.2N]) generated with the
-    default arguments updated by ``changes``; from the cache if there."""
-    args = _mnist1d_args(num_samples)
-    vars(args).update(changes)
-    key = {k: v for k, v in vars(args).items() if k != "url"}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache_dir() / f"mnist1d_n{num_samples}_{digest}.npz"
-    cached = _read_mnist1d_cache(path)
-    if cached is not None:
-        return cached
-    arrays = _generate_mnist1d(args)
-    try:
-        atomic_write(path, lambda p: _savez(p, arrays))
-    except OSError as e:
-        log.warning("could not cache MNIST-1D at %s: %s", path, e)
-    return arrays
-
-
-def _savez(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
-    with open(path, "wb") as f:  # a file handle: np.savez would append ".npz" to a path
-        np.savez(f, **dict(zip(_MNIST1D_ARRAYS, arrays, strict=True)))
-
-
-def _read_mnist1d_cache(path: Path) -> tuple[np.ndarray, ...] | None:
-    """The cached arrays, or None when the file is missing or unusable (then regenerated)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            x, y, x_test, y_test = (np.asarray(data[k]) for k in _MNIST1D_ARRAYS)
-    except Exception as e:  # any corruption: regenerate rather than fail
-        log.warning("ignoring unreadable MNIST-1D cache %s: %s", path, e)
-        return None
-    ok = (
-        x.ndim == 2
-        and x_test.ndim == 2
-        and x.shape[1] == x_test.shape[1] == MNIST1D_FEATURES
-        and y.shape == (len(x),)
-        and y_test.shape == (len(x_test),)
+def _assemble_images(cfg: DataConfig, parts: Parts, class_names: list[str]) -> Dataset:
+    """Images ``[n, c, *s]`` (vectors become one channel: ``[n, 1, 8, 8]`` for digits,
+    ``[n, 1, d]`` otherwise) kept as stored, standardised per channel per batch."""
+    images = {key: (_as_images(cfg.name, x), y) for key, (x, y) in parts.items()}
+    train = images["train"][0]
+    if cfg.standardize:
+        mean, std = channel_stats(train)
+    else:
+        mean, std = np.zeros(train.shape[1]), np.ones(train.shape[1])
+    pixels = Pixels(
+        tuple(train.shape[1:]),
+        torch.tensor(mean, dtype=torch.float32),
+        torch.tensor(std, dtype=torch.float32),
     )
-    if not ok:
-        log.warning("ignoring MNIST-1D cache %s with unexpected shapes", path)
-        return None
-    return x, y, x_test, y_test
 
+    def split(key: str) -> Split:
+        x, y = images[key]
+        x = torch.from_numpy(np.require(x, requirements=["C", "W"]))  # a copy if read-only
+        x = x.reshape(len(x), -1) if cfg.shape == "flat" else x
+        y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+        return Split(x=x, y=y, pixels=pixels)
 
-def _mnist1d_args(num_samples: int) -> Any:
-    _headless_matplotlib()
-    from mnist1d.data import get_dataset_args
-
-    args = get_dataset_args()
-    args.num_samples = num_samples
-    return args
-
-
-def _generate_mnist1d(args: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Run ``make_dataset`` offline, restoring the global Python and NumPy RNG states after."""
-    from mnist1d.data import make_dataset
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        data = make_dataset(args)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-    return (
-        np.asarray(data["x"], dtype=np.float64),
-        np.asarray(data["y"], dtype=np.int64),
-        np.asarray(data["x_test"], dtype=np.float64),
-        np.asarray(data["y_test"], dtype=np.int64),
+    return Dataset(
+        name=cfg.name,
+        train=split("train"),
+        val=split("val") if "val" in images else None,
+        test=split("test"),
+        n_features=math.prod(pixels.shape),
+        n_classes=len(class_names),
+        class_names=list(class_names),
+        augment=cfg.augment,
     )
 
 
-def _headless_matplotlib() -> None:
-    """mnist1d imports pyplot: pick the Agg backend unless the user already chose one."""
-    if "matplotlib.pyplot" in sys.modules or os.environ.get("MPLBACKEND"):
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _as_images(name: str, x: np.ndarray) -> np.ndarray:
+    """``x`` as images ``[n, c, *s]``: uint8 kept, other numbers as float32."""
+    if x.ndim == 2:
+        x = x.reshape(len(x), 1, 8, 8) if name == "digits" else x[:, None]
+    return x if x.dtype == np.uint8 else x.astype(np.float32)

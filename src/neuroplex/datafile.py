@@ -32,17 +32,17 @@ def read_data_file(
         raise DataError(f"{path}: is a directory, expected a .npz or .csv file")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        x_raw, y_raw = _read_npz(path)
+        x_raw, y_raw = read_npz(path)
     elif suffix == ".csv":
         x_raw, y_raw = _read_csv(path, label_column)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}: expected .npz or .csv")
     x = _check_features(path, x_raw, y_raw)
-    y, names = _encode_labels(path, y_raw)
+    y, names = encode_labels(path, y_raw)
     return x, y, names
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Arrays ``x`` and ``y`` of an .npz archive, unchecked."""
     bad = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
     try:
@@ -137,7 +137,10 @@ def _is_number(text: str) -> bool:
 def _check_features(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Validate shapes and values of ``x`` [n, d] against ``y`` [n]; return x as float64."""
     if x.ndim != 2:
-        raise DataError(f"{path}: array 'x' has shape {x.shape}, expected 2-D [samples, features]")
+        hint = "; for images use data.name: images" if x.ndim in (3, 4) else ""
+        raise DataError(
+            f"{path}: array 'x' has shape {x.shape}, expected 2-D [samples, features]{hint}"
+        )
     if y.ndim != 1:
         raise DataError(f"{path}: array 'y' has shape {y.shape}, expected 1-D [samples]")
     if len(x) != len(y):
@@ -165,7 +168,7 @@ def _check_features(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return x
 
 
-def _encode_labels(path: Path, y: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def encode_labels(path: Path, y: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Map labels ``y`` [n] (integers or strings) to 0..C-1 (sorted); return them and names."""
     if y.dtype.kind in "US":
         y = _maybe_numeric(y.astype(str))

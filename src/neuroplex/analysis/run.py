@@ -36,7 +36,7 @@ def probe_batch(run_dir: Path, probe: int, which: str):
         raise NeuroplexError(f"--probe {probe}: need at least 2 samples")
     s, _ = load_run(run_dir, which)
     test = s.data.test
-    return s, test.x[:probe], test.y[:probe]
+    return s, test.inputs(slice(0, probe)), test.y[:probe]
 
 
 def rewiring_events(run_dir: Path, which: str) -> list[dict[str, Any]]:

@@ -97,7 +97,7 @@ def train_customized(
     """Adam on local expert + gate; each batch mixes user samples and replayed original ones."""
     params = [*model.local_expert.parameters(), *model.gate.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
-    x = torch.cat([user.x, replay.x])
+    x = torch.cat([user.inputs(), replay.inputs()])
     y = torch.cat([user.y, replay.y])
     is_user = torch.cat([torch.ones(len(user)), torch.zeros(len(replay))]).bool()
     gen = torch.Generator().manual_seed(seed)
@@ -178,14 +178,14 @@ def _check_compatible(original: Dataset, user: Dataset, spec: str) -> None:
 def _replay(train: Split, n: int, seed: int) -> Split:
     gen = torch.Generator().manual_seed(seed + 1)
     idx = torch.randperm(len(train), generator=gen)[: min(n, len(train))]
-    return Split(train.x[idx], train.y[idx])
+    return Split(train.inputs(idx), train.y[idx])
 
 
 @torch.no_grad()
 def _nll_accuracy(model: Customized, split: Split) -> float:
-    return float((model(split.x).argmax(-1) == split.y).float().mean())
+    return float((model(split.inputs()).argmax(-1) == split.y).float().mean())
 
 
 @torch.no_grad()
 def _local_accuracy(model: Customized, split: Split) -> float:
-    return float((model.mix(split.x).local_logits.argmax(-1) == split.y).float().mean())
+    return float((model.mix(split.inputs()).local_logits.argmax(-1) == split.y).float().mean())

@@ -21,7 +21,8 @@ def evaluate(model: Network, split: Split, batch_size: int = EVAL_BATCH) -> dict
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(split), batch_size):
-        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        rows = slice(start, start + batch_size)
+        x, y = split.inputs(rows), split.y[rows]
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())

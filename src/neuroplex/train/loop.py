@@ -158,8 +158,7 @@ def run_epoch(
     totals = EpochTotals()
     t0 = time.perf_counter()
     for idx in epoch_batches(s, epoch, state.step):
-        idx = s.world.shard(idx)
-        batch = s.data.train.x[idx], s.data.train.y[idx]
+        batch = s.data.train_batch(idx, (s.cfg.seed, epoch, state.step), s.world.shard)
         loss = train_batch(s, state, meter, batch, totals, run_dir)
         progress.advance(state.step, loss)
     totals.seconds = time.perf_counter() - t0

@@ -255,7 +255,10 @@ class StageGroup:
         """This process's inputs for ``epoch``: rank 0 reads the data, the others receive."""
         batches = epoch_batches(s, epoch, done_steps)
         if self.pipe.first:
-            return ((s.data.train.x[idx], s.data.train.y[idx]) for idx in batches)
+            return (
+                s.data.train_batch(idx, (s.cfg.seed, epoch, done_steps + i))
+                for i, idx in enumerate(batches)
+            )
         d = s.model.stages[self.stages.start - 1].d_out
         dtype = next(s.model.parameters()).dtype
         return self.pipe.receive([len(idx) for idx in batches], d, dtype, s.device)

@@ -243,7 +243,7 @@ class Plasticity:
         was_training = self.model.training
         self.model.eval()
         try:
-            self.model(self.probe.x[idx.to(self.probe.x.device)])
+            self.model(self.probe.inputs(idx.to(self.probe.x.device)))
         finally:
             self.model.train(was_training)
             for hook in hooks:

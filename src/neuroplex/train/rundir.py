@@ -238,6 +238,8 @@ def write_summary(
             "val": len(data.val) if data.val is not None else 0,
             "test": len(data.test),
             "features": data.n_features,
+            "input_shape": list(data.input_shape),
+            "scaling": data.scaling(),
             "classes": data.n_classes,
         },
         "versions": versions(),

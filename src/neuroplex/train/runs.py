@@ -93,7 +93,7 @@ def evaluate_exits(
         "val": s.data.val,
         "eval": split_of(s, split),
     }
-    data = {name: (d.x, d.y) for name, d in splits.items()}
+    data = {name: (d.inputs(), d.y) for name, d in splits.items()}
     report: dict[str, Any] = {"split": split, "checkpoint": which}
     report.update(exit_report(s.model, [*s.method.aux, s.model.head], data, cfg, seed=s.cfg.seed))
     report["settings"] = cfg.model_dump(mode="json")
