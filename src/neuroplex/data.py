@@ -71,6 +71,11 @@ class Dataset:
     n_classes: int
     class_names: list[str]
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(d,)`` for vectors, ``(c, L)`` or ``(c, h, w)`` for images."""
+        return tuple(self.train.x.shape[1:])
+
 
 def cache_dir() -> Path:
     """Cache directory: ``$NEUROPLEX_CACHE``, default ``~/.cache/neuroplex``."""

@@ -64,7 +64,7 @@ def build_setup(
     device = resolve_device(cfg.device, world or World())
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = build_network(cfg.model, data.n_features, data.n_classes).to(device)
+    model = build_network(cfg.model, data.input_shape, data.n_classes).to(device)
     if prepare is not None:
         prepare(model)
     method = METHODS[cfg.train.method](model, cfg)
