@@ -199,6 +199,25 @@ class ResidualStageConfig(StrictModel):
         return _check_groups(self)
 
 
+class SparseConvStageConfig(ConvStageConfig):
+    """A conv stage whose channel connectivity is a Wiring between channel ensembles (G2G):
+    ``m: 0`` runs as a grouped convolution, ``m > 0`` as gathered channel groups."""
+
+    kind: Literal["sparse_conv"] = Field("sparse_conv", description="stage kind")
+    wiring: Literal["modular", "random", "dense", "hypergraph"] = Field(
+        "modular", description="channel connectivity builder"
+    )
+    ensembles: int = Field(4, ge=1, description="modular: channel ensembles on each side")
+    m: int = Field(0, ge=0, description="modular: other input ensembles per output ensemble")
+    pattern: Literal["ring", "random", "shuffle"] = Field("ring", description="modular pattern")
+    epsilon: float = Field(20.0, gt=0, description="random: SET density parameter")
+    hypergraph: Path | None = Field(None, description="hypergraph: JSON incidence file")
+
+    @model_validator(mode="after")
+    def _wiring_arguments(self) -> SparseConvStageConfig:
+        return SparseStageConfig._wiring_arguments(self)
+
+
 def _check_groups(cfg: Any) -> Any:
     if cfg.norm == "groupnorm" and cfg.channels % cfg.groups:
         raise ValueError(f"groups = {cfg.groups}: must divide channels ({cfg.channels})")
@@ -228,6 +247,7 @@ StageConfig = Annotated[
         ResidualStageConfig,
         PoolStageConfig,
         FlattenStageConfig,
+        SparseConvStageConfig,
     ],
     Field(discriminator="kind"),
 ]
@@ -412,7 +432,8 @@ class Config(StrictModel):
 
 
 BLOCK_KINDS = ("hebbian", "block_set", "block_rigl")  # plasticity kinds that rewire ensembles
-FEATURE_MAP_KINDS = ("conv", "residual", "pool", "flatten")  # stages that read feature maps
+# stage kinds that read feature maps
+FEATURE_MAP_KINDS = ("conv", "residual", "pool", "flatten", "sparse_conv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +619,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "residual": ResidualStageConfig,
     "pool": PoolStageConfig,
     "flatten": FlattenStageConfig,
+    "sparse_conv": SparseConvStageConfig,
 }
 
 

@@ -28,6 +28,7 @@ from neuroplex.config import (
     ModelConfig,
     MoEStageConfig,
     ResidualStageConfig,
+    SparseConvStageConfig,
     SparseStageConfig,
 )
 from neuroplex.errors import ConfigError
@@ -43,6 +44,7 @@ from neuroplex.layers.conv import (
 from neuroplex.layers.moe import MoE
 from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
 from neuroplex.wiring import Wiring
+from neuroplex.wiring.core import check_widths
 
 
 class NetworkOutput(NamedTuple):
@@ -170,14 +172,16 @@ def build_moe_stage(cfg: MoEStageConfig, in_shape: Shape) -> nn.Module:
     )
 
 
-def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:
+def build_wiring(
+    cfg: SparseStageConfig | SparseConvStageConfig, n_in: int, n_out: int, seed: int
+) -> Wiring:
     if cfg.wiring == "modular":
-        return wiring.modular(n_in, cfg.width, cfg.ensembles, cfg.m, cfg.pattern, seed=seed)
+        return wiring.modular(n_in, n_out, cfg.ensembles, cfg.m, cfg.pattern, seed=seed)
     if cfg.wiring == "random":
-        return wiring.random(n_in, cfg.width, cfg.epsilon, seed=seed)
+        return wiring.random(n_in, n_out, cfg.epsilon, seed=seed)
     if cfg.wiring == "hypergraph":
-        return wiring.hypergraph_from_file(cfg.hypergraph)
-    return wiring.dense(n_in, cfg.width)
+        return check_widths(wiring.hypergraph_from_file(cfg.hypergraph), n_in, n_out)
+    return wiring.dense(n_in, n_out)
 
 
 def expert_wirings(cfg: MoEStageConfig, d_in: int) -> tuple[Wiring, Wiring] | None:
@@ -197,7 +201,9 @@ def build_sparse_stage(cfg: SparseStageConfig, in_shape: Shape) -> nn.Module:
     dims = [in_shape[0]] + [cfg.width] * cfg.layers
     # wiring seeds come from torch's generator, so they follow the run's seed
     seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()
-    wirings = [build_wiring(cfg, n, seed=seed) for n, seed in zip(dims[:-1], seeds, strict=True)]
+    wirings = [
+        build_wiring(cfg, n, cfg.width, seed=seed) for n, seed in zip(dims[:-1], seeds, strict=True)
+    ]
     return SparseStage(
         wirings,
         norm_layer=NORMS[cfg.norm],
@@ -229,6 +235,26 @@ def build_conv_stage(cfg: ConvStageConfig, in_shape: Shape) -> nn.Module:
     )
 
 
+def build_sparse_conv_stage(cfg: SparseConvStageConfig, in_shape: Shape) -> nn.Module:
+    dims = [in_shape[0]] + [cfg.channels] * cfg.layers
+    seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()  # follow the run's seed
+    wirings = [
+        build_wiring(cfg, a, b, seed) for a, b, seed in zip(dims[:-1], dims[1:], seeds, strict=True)
+    ]
+    return ConvStage(
+        in_shape,
+        cfg.channels,
+        cfg.layers,
+        kernel=cfg.kernel,
+        stride=cfg.stride,
+        pool=cfg.pool,
+        pool_size=cfg.pool_size,
+        norm=conv_norm(cfg.norm, spatial_dims(in_shape), cfg.groups),
+        act_layer=ACTIVATIONS[cfg.activation],
+        wirings=wirings,
+    )
+
+
 def build_residual_stage(cfg: ResidualStageConfig, in_shape: Shape) -> nn.Module:
     return ResidualStage(
         in_shape,
@@ -250,6 +276,7 @@ STAGE_BUILDERS: dict[str, StageBuilder] = {
     "residual": build_residual_stage,
     "pool": lambda cfg, in_shape: GlobalPool(in_shape, cfg.mode),
     "flatten": lambda cfg, in_shape: Flatten(in_shape),
+    "sparse_conv": build_sparse_conv_stage,
 }
 VECTOR_KINDS = ("dense", "moe", "sparse")  # stage kinds that read a vector [b, d]
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from neuroplex.layers.sparse_conv import SparseConv
+from neuroplex.wiring import Wiring
 
 NormFactory = Callable[[int], nn.Module]  # channels -> norm module
 CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -54,7 +58,8 @@ def make_norm(norm: NormFactory | None, channels: int) -> nn.Module:
 
 
 class ConvBlock(nn.Module):
-    """Conv (padding ``kernel // 2``, no bias when normed) -> norm -> activation -> pool.
+    """Conv (padding ``kernel // 2``, no bias when normed) -> norm -> activation -> pool; with
+    a ``wiring`` (``c_in -> c_out`` channels) the conv is a :class:`SparseConv`.
 
     Shapes: ``[b, c_in, *s] -> [b, c_out, *s']`` with ``s' = conv_length(s, kernel, stride)``,
     then divided (floor) by ``pool_size`` when ``pool`` is ``"max"`` or ``"avg"``.
@@ -72,9 +77,15 @@ class ConvBlock(nn.Module):
         act_layer: type[nn.Module] = nn.ReLU,
         pool: str = "none",
         pool_size: int = 2,
+        wiring: Wiring | None = None,
     ) -> None:
         super().__init__()
-        self.conv = CONVS[n](c_in, c_out, kernel, stride, kernel // 2, bias=norm is None)
+        bias = norm is None
+        self.conv = (
+            CONVS[n](c_in, c_out, kernel, stride, kernel // 2, bias=bias)
+            if wiring is None
+            else SparseConv(wiring, n, kernel, stride, bias)
+        )
         self.norm = make_norm(norm, c_out)
         self.act = act_layer()
         self.pool = POOLS[pool, n](pool_size) if pool != "none" else nn.Identity()
@@ -85,7 +96,9 @@ class ConvBlock(nn.Module):
 
 class ConvStage(nn.Sequential):
     """``layers`` ConvBlocks of ``channels``; the first has ``stride``, and every block ends in
-    ``pool``. Shapes: ``[b, *in_shape] -> [b, *out_shape]``."""
+    ``pool``. With ``wirings`` (one per layer, channels to channels) the convs are SparseConvs,
+    and ``ensemble_labels`` names the output ensemble of every output channel.
+    Shapes: ``[b, *in_shape] -> [b, *out_shape]``."""
 
     def __init__(
         self,
@@ -99,6 +112,7 @@ class ConvStage(nn.Sequential):
         pool_size: int = 2,
         norm: NormFactory | None = None,
         act_layer: type[nn.Module] = nn.ReLU,
+        wirings: list[Wiring] | None = None,
     ) -> None:
         n = spatial_dims(in_shape)
         c, *sizes = in_shape
@@ -107,7 +121,7 @@ class ConvStage(nn.Sequential):
             s = stride if i == 0 else 1
             block = ConvBlock(
                 c, channels, n, kernel=kernel, stride=s, norm=norm, act_layer=act_layer,
-                pool=pool, pool_size=pool_size,
+                pool=pool, pool_size=pool_size, wiring=None if wirings is None else wirings[i],
             )  # fmt: skip
             blocks.append(block)
             sizes = [conv_length(size, kernel, s) for size in sizes]
@@ -121,6 +135,9 @@ class ConvStage(nn.Sequential):
             )
         super().__init__(*blocks)
         self.out_shape = (channels, *sizes)
+        if wirings is not None:
+            last = wirings[-1].out_sizes
+            self.ensemble_labels = np.repeat(np.arange(len(last)), last)
 
 
 class BasicBlock(nn.Module):
