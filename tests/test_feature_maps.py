@@ -123,8 +123,8 @@ def digit_images(monkeypatch):
 CNN_RUN = [
     "name=cnn",
     "data.name=digits",
-    "model.stages=[{kind: conv, channels: 8}, {kind: residual, channels: 12, blocks: 1, "
-    "stride: 2}, {kind: pool}]",
+    "model.stages=[{kind: conv, channels: 8}, {kind: sparse_conv, channels: 8, ensembles: 4, "
+    "m: 1}, {kind: residual, channels: 12, blocks: 1, stride: 2}, {kind: pool}]",
     "train.epochs=4",
     "train.batch_size=64",
     "train.lr=0.01",
@@ -148,7 +148,8 @@ def test_conv_network_trains_resumes_evaluates_and_analyses(digit_images, tmp_pa
     again = evaluate_run(tmp_path / "full", which="last")
     assert again["samples"] == full["dataset"]["test"] and 0 <= again["acc"] <= 1
     result = analyze_run(tmp_path / "full", probe=100)
-    assert [st["units"] for st in result["stages"]] == [8, 12, 12]  # channels are the units
+    assert [st["units"] for st in result["stages"]] == [8, 8, 12, 12]  # channels are the units
+    assert 0 <= result["stages"][1]["nmi"] <= 1  # sparse_conv: communities vs its ensembles
     assert result["path_norm"] is None  # the path-norm models Linear chains only
     saved = json.loads((tmp_path / "full" / "analysis.json").read_text())
-    assert len(saved["cka_between_stages"]) == 3
+    assert len(saved["cka_between_stages"]) == 4
