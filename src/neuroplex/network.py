@@ -221,26 +221,9 @@ def conv_norm(norm: str, n: int, groups: int) -> Callable[[int], nn.Module] | No
     return ChannelLayerNorm if norm == "layernorm" else None
 
 
-def build_conv_stage(cfg: ConvStageConfig, in_shape: Shape) -> nn.Module:
-    return ConvStage(
-        in_shape,
-        cfg.channels,
-        cfg.layers,
-        kernel=cfg.kernel,
-        stride=cfg.stride,
-        pool=cfg.pool,
-        pool_size=cfg.pool_size,
-        norm=conv_norm(cfg.norm, spatial_dims(in_shape), cfg.groups),
-        act_layer=ACTIVATIONS[cfg.activation],
-    )
-
-
-def build_sparse_conv_stage(cfg: SparseConvStageConfig, in_shape: Shape) -> nn.Module:
-    dims = [in_shape[0]] + [cfg.channels] * cfg.layers
-    seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()  # follow the run's seed
-    wirings = [
-        build_wiring(cfg, a, b, seed) for a, b, seed in zip(dims[:-1], dims[1:], seeds, strict=True)
-    ]
+def build_conv_stage(
+    cfg: ConvStageConfig, in_shape: Shape, wirings: list[Wiring] | None = None
+) -> nn.Module:
     return ConvStage(
         in_shape,
         cfg.channels,
@@ -253,6 +236,15 @@ def build_sparse_conv_stage(cfg: SparseConvStageConfig, in_shape: Shape) -> nn.M
         act_layer=ACTIVATIONS[cfg.activation],
         wirings=wirings,
     )
+
+
+def build_sparse_conv_stage(cfg: SparseConvStageConfig, in_shape: Shape) -> nn.Module:
+    """A conv stage with one channel wiring per layer (seeds from torch's generator, so they
+    follow the run's seed)."""
+    dims = [in_shape[0]] + [cfg.channels] * cfg.layers
+    seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()
+    pairs = zip(dims[:-1], dims[1:], seeds, strict=True)
+    return build_conv_stage(cfg, in_shape, [build_wiring(cfg, a, b, s) for a, b, s in pairs])
 
 
 def build_residual_stage(cfg: ResidualStageConfig, in_shape: Shape) -> nn.Module:
