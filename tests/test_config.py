@@ -69,7 +69,7 @@ BAD = [
     ("data:\n  name: file\n", [], ["data.path", "missing"]),
     (None, ["model.stages.0.widht=3"], ["model.stages.0.widht", "did you mean 'width'"]),
     (None, ["model.stages.1.width=0"], ["model.stages.1.width = 0", "greater than or equal"]),
-    (None, ["model.stages.0.kind=conv"], ["model.stages.0.kind = 'conv'", "dense"]),
+    (None, ["model.stages.0.kind=lstm"], ["model.stages.0.kind = 'lstm'", "dense"]),
     (None, ["model.stages=[]"], ["model.stages", "at least 1"]),
     (None, ["model.stages.9.width=3"], ["model.stages", "index 9 is out of range"]),
     (None, ["model.stages.x.width=3"], ["model.stages is a list", "'x' is not an index"]),

@@ -25,7 +25,7 @@ def test_build_network_chains_stage_widths():
     cfg = load_config(
         None, ["model.stages=[{kind: dense, width: 8, layers: 2}, {kind: dense, width: 4}]"]
     )
-    net = build_network(cfg.model, n_features=6, n_classes=3)
+    net = build_network(cfg.model, in_shape=6, n_classes=3)
     assert [s.d_out for s in net.stages] == [8, 4]
     assert net(torch.randn(5, 6)).shape == (5, 3)
     rows = describe_network(net, 6)

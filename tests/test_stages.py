@@ -20,7 +20,7 @@ MIXED = (
 def test_sparse_and_moe_stages_build_and_report_side_results():
     cfg = load_config(None, [MIXED])
     torch.manual_seed(0)
-    net = build_network(cfg.model, n_features=12, n_classes=3)
+    net = build_network(cfg.model, in_shape=12, n_classes=3)
     assert isinstance(net.stages[0], SparseStage) and isinstance(net.stages[1], GatedStage)
     assert np.array_equal(net.stages[0].ensemble_labels, np.repeat(np.arange(4), 8))
     out = net.forward_stages(torch.randn(20, 12))
@@ -33,7 +33,7 @@ def test_moe_stage_dropout_acts_in_training_only():
     dropped = MIXED.replace("expert_hidden: 16}", "expert_hidden: 16, dropout: 0.5}")
     cfg = load_config(None, [dropped])
     torch.manual_seed(0)
-    stage = build_network(cfg.model, n_features=12, n_classes=3).stages[1]
+    stage = build_network(cfg.model, in_shape=12, n_classes=3).stages[1]
     x = torch.randn(50, 32)
     stage.train()
     assert (stage(x).x == 0).float().mean() > 0.3  # about half the units dropped
@@ -78,12 +78,12 @@ def test_a_width_that_clashes_with_the_previous_stage_names_the_stage():
         None, ["model.stages=[{kind: dense, width: 16}, {kind: moe, width: 32, residual: true}]"]
     )
     with pytest.raises(ConfigError, match=r"model\.stages\.1 \(input width 16\): residual needs"):
-        build_network(cfg.model, n_features=12, n_classes=3)
+        build_network(cfg.model, in_shape=12, n_classes=3)
 
 
 def test_residual_moe_stage_adds_its_input_before_the_norm():
     cfg = load_config(None, ["model.stages=[{kind: moe, width: 12, residual: true, norm: none}]"])
-    stage = build_network(cfg.model, n_features=12, n_classes=3).stages[0].eval()
+    stage = build_network(cfg.model, in_shape=12, n_classes=3).stages[0].eval()
     x = torch.randn(5, 12)
     assert torch.allclose(stage(x).x, x + stage.moe(x).x)
 
@@ -91,7 +91,7 @@ def test_residual_moe_stage_adds_its_input_before_the_norm():
 def test_shared_expert_sees_every_input_and_counts_as_active():
     stages = "model.stages=[{kind: moe, width: 12, experts: 4, k: 1, expert_hidden: 8, "
     cfg = load_config(None, [stages + "shared_hidden: 6, norm: none}]"])
-    net = build_network(cfg.model, n_features=12, n_classes=3).eval()
+    net = build_network(cfg.model, in_shape=12, n_classes=3).eval()
     stage = net.stages[0]
     x = torch.randn(5, 12)
     assert torch.allclose(stage(x).x, stage.moe(x).x + stage.shared(x))
@@ -116,9 +116,9 @@ def test_moe_stage_with_sparse_experts_trains(tmp_path):
     sparse = MIXED.replace("expert_hidden: 16}", "expert_hidden: 16, expert_wiring: {m: 1}}")
     cfg = load_config(None, ["data.name=digits", sparse, "train.epochs=2", "train.lr=0.01"])
     torch.manual_seed(0)
-    moe = build_network(cfg.model, n_features=64, n_classes=10).stages[1].moe
+    moe = build_network(cfg.model, in_shape=64, n_classes=10).stages[1].moe
     assert moe.expert_density == pytest.approx(0.5)  # 4 ensembles, own + 1 other
-    net = build_network(cfg.model, n_features=64, n_classes=10)
+    net = build_network(cfg.model, in_shape=64, n_classes=10)
     weights = 4 * 2 * 32 * 16  # w1 and w2 of 4 experts, half of them masked out
     stored = sum(p.numel() for p in net.parameters())
     assert net.num_parameters() == stored - weights // 2  # masked-out weights are not parameters
@@ -129,8 +129,8 @@ def test_moe_stage_with_sparse_experts_trains(tmp_path):
 
 def test_active_parameters_count_k_of_e_experts():
     cfg = load_config(None, [MIXED])
-    net = build_network(cfg.model, n_features=12, n_classes=3)
+    net = build_network(cfg.model, in_shape=12, n_classes=3)
     experts = 2 * (4 * 32 * 16) + 4 * 16 + 4 * 32  # w1, w2, b1, b2 of 4 experts 32 -> 16 -> 32
     assert net.num_active_parameters() == net.num_parameters() - experts // 2  # k=2 of 4
-    dense = build_network(load_config(None, []).model, n_features=12, n_classes=3)
+    dense = build_network(load_config(None, []).model, in_shape=12, n_classes=3)
     assert dense.num_active_parameters() == dense.num_parameters()

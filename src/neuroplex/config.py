@@ -253,9 +253,100 @@ class SparseStageConfig(StrictModel):
         return self
 
 
+ConvNorm = Literal["batchnorm", "groupnorm", "layernorm", "none"]
+
+
+class ConvStageConfig(StrictModel):
+    """``layers`` blocks of Conv -> norm -> activation -> pool on a feature map ``(c, L)`` (1-D
+    convolutions) or ``(c, h, w)`` (2-D), all with ``channels`` outputs."""
+
+    kind: Literal["conv"] = Field("conv", description="stage kind")
+    channels: int = Field(32, ge=1, description="output channels of every conv")
+    layers: int = Field(1, ge=1, description="conv layers in the stage")
+    kernel: int = Field(3, ge=1, description="kernel size (padding kernel // 2)")
+    stride: int = Field(1, ge=1, description="stride of the first conv (later ones: 1)")
+    norm: ConvNorm = Field(
+        "batchnorm", description="after each conv; layernorm = over the channels per position"
+    )
+    groups: int = Field(8, ge=1, description="groupnorm: channel groups (must divide channels)")
+    activation: Literal["gelu", "relu", "tanh", "silu"] = Field("relu", description="activation")
+    pool: Literal["none", "max", "avg"] = Field("none", description="pooling after each block")
+    pool_size: int = Field(2, ge=2, description="pooling window and stride")
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> ConvStageConfig:
+        return _check_groups(self)
+
+
+class ResidualStageConfig(StrictModel):
+    """``blocks`` ResNet basic blocks (two convs, identity or 1x1-projection shortcut)."""
+
+    kind: Literal["residual"] = Field("residual", description="stage kind")
+    channels: int = Field(64, ge=1, description="output channels of every block")
+    blocks: int = Field(2, ge=1, description="basic blocks in the stage")
+    kernel: int = Field(3, ge=1, description="kernel size (padding kernel // 2)")
+    stride: int = Field(
+        1, ge=1, description="stride of the first block (a projection shortcut when != 1)"
+    )
+    norm: ConvNorm = Field("batchnorm", description="after each conv and the projection")
+    groups: int = Field(8, ge=1, description="groupnorm: channel groups (must divide channels)")
+    activation: Literal["gelu", "relu", "tanh", "silu"] = Field("relu", description="activation")
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> ResidualStageConfig:
+        return _check_groups(self)
+
+
+class SparseConvStageConfig(ConvStageConfig):
+    """A conv stage whose channel connectivity is a Wiring between channel ensembles (G2G):
+    ``m: 0`` runs as a grouped convolution, ``m > 0`` as gathered channel groups."""
+
+    kind: Literal["sparse_conv"] = Field("sparse_conv", description="stage kind")
+    wiring: Literal["modular", "random", "dense", "hypergraph"] = Field(
+        "modular", description="channel connectivity builder"
+    )
+    ensembles: int = Field(4, ge=1, description="modular: channel ensembles on each side")
+    m: int = Field(0, ge=0, description="modular: other input ensembles per output ensemble")
+    pattern: Literal["ring", "random", "shuffle"] = Field("ring", description="modular pattern")
+    epsilon: float = Field(20.0, gt=0, description="random: SET density parameter")
+    hypergraph: Path | None = Field(None, description="hypergraph: JSON incidence file")
+
+    @model_validator(mode="after")
+    def _wiring_arguments(self) -> SparseConvStageConfig:
+        return SparseStageConfig._wiring_arguments(self)
+
+
+def _check_groups(cfg: Any) -> Any:
+    if cfg.norm == "groupnorm" and cfg.channels % cfg.groups:
+        raise ValueError(f"groups = {cfg.groups}: must divide channels ({cfg.channels})")
+    return cfg
+
+
+class PoolStageConfig(StrictModel):
+    """Global pooling of a feature map to one value per channel: ``(c, *s) -> (c,)``."""
+
+    kind: Literal["pool"] = Field("pool", description="stage kind")
+    mode: Literal["avg", "max"] = Field("avg", description="average or maximum over positions")
+
+
+class FlattenStageConfig(StrictModel):
+    """A feature map as one vector: ``(c, *s) -> (c * prod(s),)``."""
+
+    kind: Literal["flatten"] = Field("flatten", description="stage kind")
+
+
 # The discriminator is ``kind``; a new stage kind adds its config here and a builder in stages.py.
 StageConfig = Annotated[
-    Union[DenseStageConfig, MoEStageConfig, SparseStageConfig],  # noqa: UP007
+    Union[  # noqa: UP007
+        DenseStageConfig,
+        MoEStageConfig,
+        SparseStageConfig,
+        ConvStageConfig,
+        ResidualStageConfig,
+        PoolStageConfig,
+        FlattenStageConfig,
+        SparseConvStageConfig,
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -498,8 +589,23 @@ class Config(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _local_needs_vector_stages(self) -> Config:
+        if self.train.method != "local":
+            return self
+        for i, stage in enumerate(self.model.stages):
+            if stage.kind in FEATURE_MAP_KINDS:
+                raise ValueError(
+                    f"model.stages.{i}.kind = {stage.kind!r}: not supported yet with "
+                    "train.method = 'local' (no auxiliary networks for feature maps); use "
+                    "train.method: backprop"
+                )
+        return self
+
 
 BLOCK_KINDS = ("hebbian", "block_set", "block_rigl")  # plasticity kinds that rewire ensembles
+# stage kinds that read feature maps
+FEATURE_MAP_KINDS = ("conv", "residual", "pool", "flatten", "sparse_conv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,6 +814,11 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "dense": DenseStageConfig,
     "moe": MoEStageConfig,
     "sparse": SparseStageConfig,
+    "conv": ConvStageConfig,
+    "residual": ResidualStageConfig,
+    "pool": PoolStageConfig,
+    "flatten": FlattenStageConfig,
+    "sparse_conv": SparseConvStageConfig,
 }
 
 

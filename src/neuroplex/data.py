@@ -90,10 +90,6 @@ class Dataset:
     class_names: list[str]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
     def train_batch(
         self,
         idx: torch.Tensor,
@@ -115,6 +111,11 @@ class Dataset:
         if pixels is None:
             return None
         return {"mean": pixels.mean.tolist(), "std": pixels.std.tolist()}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(d,)`` for vectors, ``(c, L)`` or ``(c, h, w)`` for images."""
+        return tuple(self.train.x.shape[1:])
 
 
 def cache_dir() -> Path:

@@ -1,9 +1,13 @@
 """Network = ordered stages + a head, and the builders that make one from config.
 
 A *stage* is the unit of local learning (gradient-isolation boundary), of checkpointing and of
-parallelism. Any ``nn.Module`` can be a stage if it maps ``[b, d_in] -> [b, d_out]``, exposes
-``d_out``, and returns either a tensor or a :class:`StageOutput` (when it has side losses, as a
-gated mixture of experts does).
+parallelism. Any ``nn.Module`` can be a stage if it maps ``[b, *in_shape] -> [b, *out_shape]``,
+exposes ``out_shape`` (a vector stage may expose ``d_out`` instead: ``out_shape = (d_out,)``),
+and returns either a tensor or a :class:`StageOutput` (when it has side losses, as a gated
+mixture of experts does). Shapes leave out the batch: vectors are ``(d,)``, feature maps
+``(c, L)`` or ``(c, h, w)``. Builders get the input shape; vector stages (``dense``, ``sparse``,
+``moe``) and the linear head need a vector, so a feature map reaches them through a ``flatten``
+or ``pool`` stage.
 
 Shape legend: ``b`` batch, ``d`` features, ``c`` classes.
 """
@@ -11,26 +15,44 @@ Shape legend: ``b`` batch, ``d`` features, ``c`` classes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from neuroplex import wiring
-from neuroplex.config import DenseStageConfig, ModelConfig, MoEStageConfig, SparseStageConfig
+from neuroplex.config import (
+    ConvStageConfig,
+    DenseStageConfig,
+    ModelConfig,
+    MoEStageConfig,
+    ResidualStageConfig,
+    SparseConvStageConfig,
+    SparseStageConfig,
+)
 from neuroplex.errors import ConfigError
 from neuroplex.layers import DenseStage, StageOutput
+from neuroplex.layers.conv import (
+    ChannelLayerNorm,
+    ConvStage,
+    Flatten,
+    GlobalPool,
+    ResidualStage,
+    spatial_dims,
+)
 from neuroplex.layers.moe import MoE
 from neuroplex.layers.params import count_parameters, masked_out
 from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
 from neuroplex.wiring import Wiring
+from neuroplex.wiring.core import check_widths
 
 
 class NetworkOutput(NamedTuple):
     """Result of :meth:`Network.forward_stages`."""
 
     logits: Tensor  # [b, c]
-    features: list[Tensor]  # one [b, d_s] per stage
+    features: list[Tensor]  # one [b, *out_shape_s] per stage
     aux_loss: Tensor  # scalar: sum of the stages' aux losses (0 when none)
     stats: dict[str, Tensor]  # "stage{i}.{name}" -> value
 
@@ -47,7 +69,7 @@ class Network(nn.Module):
     """Ordered ``stages`` followed by ``head``.
 
     Args:
-        stages: modules, each ``[b, d_s-1] -> [b, d_s]``.
+        stages: modules, each ``[b, *out_shape_s-1] -> [b, *out_shape_s]``.
         head: classifier ``[b, d_last] -> [b, c]``.
     """
 
@@ -59,7 +81,7 @@ class Network(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[b, d] -> [b, c]`` logits."""
+        """``[b, *in_shape] -> [b, c]`` logits."""
         for stage in self.stages:
             x = run_stage(stage, x).x
         return self.head(x)
@@ -96,6 +118,7 @@ class Network(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # builders: config -> modules. One explicit registry; later stage kinds add one entry each.
 
+Shape = tuple[int, ...]  # one sample's shape: (d,), (c, L) or (c, h, w)
 NORMS: dict[str, type[nn.Module] | None] = {
     "layernorm": nn.LayerNorm,
     "batchnorm": nn.BatchNorm1d,
@@ -109,7 +132,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_dense_stage(cfg: DenseStageConfig, d_in: int) -> nn.Module:
+def build_dense_stage(cfg: DenseStageConfig, in_shape: Shape) -> nn.Module:
+    (d_in,) = in_shape
     return DenseStage(
         d_in,
         cfg.width,
@@ -120,7 +144,8 @@ def build_dense_stage(cfg: DenseStageConfig, d_in: int) -> nn.Module:
     )
 
 
-def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
+def build_moe_stage(cfg: MoEStageConfig, in_shape: Shape) -> nn.Module:
+    (d_in,) = in_shape
     moe = MoE(
         d_in,
         cfg.width,
@@ -147,14 +172,16 @@ def build_moe_stage(cfg: MoEStageConfig, d_in: int) -> nn.Module:
     )
 
 
-def build_wiring(cfg: SparseStageConfig, n_in: int, seed: int) -> Wiring:
+def build_wiring(
+    cfg: SparseStageConfig | SparseConvStageConfig, n_in: int, n_out: int, seed: int
+) -> Wiring:
     if cfg.wiring == "modular":
-        return wiring.modular(n_in, cfg.width, cfg.ensembles, cfg.m, cfg.pattern, seed=seed)
+        return wiring.modular(n_in, n_out, cfg.ensembles, cfg.m, cfg.pattern, seed=seed)
     if cfg.wiring == "random":
-        return wiring.random(n_in, cfg.width, cfg.epsilon, seed=seed)
+        return wiring.random(n_in, n_out, cfg.epsilon, seed=seed)
     if cfg.wiring == "hypergraph":
-        return wiring.hypergraph_from_file(cfg.hypergraph)
-    return wiring.dense(n_in, cfg.width)
+        return check_widths(wiring.hypergraph_from_file(cfg.hypergraph), n_in, n_out)
+    return wiring.dense(n_in, n_out)
 
 
 def expert_wirings(cfg: MoEStageConfig, d_in: int) -> tuple[Wiring, Wiring] | None:
@@ -170,11 +197,13 @@ def expert_wirings(cfg: MoEStageConfig, d_in: int) -> tuple[Wiring, Wiring] | No
     )
 
 
-def build_sparse_stage(cfg: SparseStageConfig, d_in: int) -> nn.Module:
-    dims = [d_in] + [cfg.width] * cfg.layers
+def build_sparse_stage(cfg: SparseStageConfig, in_shape: Shape) -> nn.Module:
+    dims = [in_shape[0]] + [cfg.width] * cfg.layers
     # wiring seeds come from torch's generator, so they follow the run's seed
     seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()
-    wirings = [build_wiring(cfg, n, seed=seed) for n, seed in zip(dims[:-1], seeds, strict=True)]
+    wirings = [
+        build_wiring(cfg, n, cfg.width, seed=seed) for n, seed in zip(dims[:-1], seeds, strict=True)
+    ]
     return SparseStage(
         wirings,
         norm_layer=NORMS[cfg.norm],
@@ -183,12 +212,65 @@ def build_sparse_stage(cfg: SparseStageConfig, d_in: int) -> nn.Module:
     )
 
 
-StageBuilder = Callable[[Any, int], nn.Module]
+def conv_norm(norm: str, n: int, groups: int) -> Callable[[int], nn.Module] | None:
+    """The conv stages' norm by name, as ``channels -> module`` (``n`` spatial dims)."""
+    if norm == "batchnorm":
+        return nn.BatchNorm1d if n == 1 else nn.BatchNorm2d
+    if norm == "groupnorm":
+        return partial(nn.GroupNorm, groups)
+    return ChannelLayerNorm if norm == "layernorm" else None
+
+
+def build_conv_stage(
+    cfg: ConvStageConfig, in_shape: Shape, wirings: list[Wiring] | None = None
+) -> nn.Module:
+    return ConvStage(
+        in_shape,
+        cfg.channels,
+        cfg.layers,
+        kernel=cfg.kernel,
+        stride=cfg.stride,
+        pool=cfg.pool,
+        pool_size=cfg.pool_size,
+        norm=conv_norm(cfg.norm, spatial_dims(in_shape), cfg.groups),
+        act_layer=ACTIVATIONS[cfg.activation],
+        wirings=wirings,
+    )
+
+
+def build_sparse_conv_stage(cfg: SparseConvStageConfig, in_shape: Shape) -> nn.Module:
+    """A conv stage with one channel wiring per layer (seeds from torch's generator, so they
+    follow the run's seed)."""
+    dims = [in_shape[0]] + [cfg.channels] * cfg.layers
+    seeds = torch.randint(0, 2**31 - 1, (cfg.layers,)).tolist()
+    pairs = zip(dims[:-1], dims[1:], seeds, strict=True)
+    return build_conv_stage(cfg, in_shape, [build_wiring(cfg, a, b, s) for a, b, s in pairs])
+
+
+def build_residual_stage(cfg: ResidualStageConfig, in_shape: Shape) -> nn.Module:
+    return ResidualStage(
+        in_shape,
+        cfg.channels,
+        cfg.blocks,
+        kernel=cfg.kernel,
+        stride=cfg.stride,
+        norm=conv_norm(cfg.norm, spatial_dims(in_shape), cfg.groups),
+        act_layer=ACTIVATIONS[cfg.activation],
+    )
+
+
+StageBuilder = Callable[[Any, Shape], nn.Module]
 STAGE_BUILDERS: dict[str, StageBuilder] = {
     "dense": build_dense_stage,
     "moe": build_moe_stage,
     "sparse": build_sparse_stage,
+    "conv": build_conv_stage,
+    "residual": build_residual_stage,
+    "pool": lambda cfg, in_shape: GlobalPool(in_shape, cfg.mode),
+    "flatten": lambda cfg, in_shape: Flatten(in_shape),
+    "sparse_conv": build_sparse_conv_stage,
 }
+VECTOR_KINDS = ("dense", "moe", "sparse")  # stage kinds that read a vector [b, d]
 
 
 def register_stage(kind: str, builder: StageBuilder) -> None:
@@ -198,25 +280,43 @@ def register_stage(kind: str, builder: StageBuilder) -> None:
     STAGE_BUILDERS[kind] = builder
 
 
-def build_network(cfg: ModelConfig, n_features: int, n_classes: int) -> Network:
-    """Build stages in order (each sees the previous one's ``d_out``), then a linear head."""
+def stage_out_shape(stage: nn.Module) -> Shape:
+    """A stage's output shape without the batch: ``out_shape``, else ``(d_out,)``."""
+    shape = getattr(stage, "out_shape", None)
+    return tuple(shape) if shape is not None else (stage.d_out,)
+
+
+def build_network(cfg: ModelConfig, in_shape: int | Sequence[int], n_classes: int) -> Network:
+    """Build stages in order (each sees the previous one's output shape; ``in_shape`` is one
+    input's shape, an int for vectors), then a linear head on the last stage's vector."""
+    shape: Shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
     stages = []
-    d = n_features
     for i, stage_cfg in enumerate(cfg.stages):
+        if stage_cfg.kind in VECTOR_KINDS and len(shape) != 1:
+            raise ConfigError(
+                f"model.stages.{i} (kind {stage_cfg.kind}) needs a vector input but gets a "
+                f"feature map of shape {shape}; put a flatten or pool stage before it"
+            )
         try:
-            stage = STAGE_BUILDERS[stage_cfg.kind](stage_cfg, d)
+            stage = STAGE_BUILDERS[stage_cfg.kind](stage_cfg, shape)
         except ValueError as e:  # a size that only clashes with the previous stage's output
-            raise ConfigError(f"model.stages.{i} (input width {d}): {e}") from None
+            given = f"input width {shape[0]}" if len(shape) == 1 else f"input shape {shape}"
+            raise ConfigError(f"model.stages.{i} ({given}): {e}") from None
         stages.append(stage)
-        d = stage.d_out
-    return Network(stages, nn.Linear(d, n_classes))
+        shape = stage_out_shape(stage)
+    if len(shape) != 1:
+        raise ConfigError(
+            f"model.stages.{len(stages) - 1} outputs a feature map of shape {shape}, but the "
+            "head needs a vector; end the stages with a flatten or pool stage"
+        )
+    return Network(stages, nn.Linear(shape[0], n_classes))
 
 
-def describe_network(model: Network, n_features: int) -> list[dict[str, Any]]:
+def describe_network(model: Network, in_shape: int | Sequence[int]) -> list[dict[str, Any]]:
     """One row per stage and the head: name, output shape, parameter count (as
     :meth:`Network.num_parameters` counts)."""
     rows = []
-    x = torch.zeros(2, n_features)
+    x = torch.zeros(2, *((in_shape,) if isinstance(in_shape, int) else in_shape))
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -91,3 +91,28 @@ def test_block_contrast_is_mean_abs_corr_inside_vs_between_designed_ensembles():
     assert contrast["inside"] > 0.8 > 0.2 > contrast["outside"]
     assert report["community_contrast"]["inside"] > 0.8  # communities = the planted blocks
     assert "design_contrast" not in stage_report(acts, None)
+
+
+def test_feature_maps_are_pooled_to_channels_and_planted_channel_communities_found():
+    from neuroplex.analysis.functional import units
+
+    # Input: 4 groups of 4 channels; a group's channels share one latent image (+ noise).
+    # A sparse_conv stage with m = 0 (grouped) keeps the groups apart, so its channel
+    # communities are its designed ensembles.
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(300, 4, 1, 6, 6, generator=gen)
+    x = (latent + 0.3 * torch.randn(300, 4, 4, 6, 6, generator=gen)).reshape(300, 16, 6, 6)
+    stages = "[{kind: sparse_conv, channels: 16, ensembles: 4, m: 0, norm: none}, {kind: pool}]"
+    torch.manual_seed(0)
+    net = build_network(load_config(None, [f"model.stages={stages}"]).model, (16, 6, 6), 3)
+    with torch.no_grad():
+        for block in net.stages[0]:
+            block.conv.weight.abs_()  # positive filters: a channel follows its group's latent
+            block.conv.bias.zero_()
+    acts = stage_activations(net, x)
+    with torch.no_grad():
+        features = net.forward_stages(x).features[0]  # [300, 16, 6, 6]
+    assert np.allclose(acts[0], features.mean(dim=(2, 3)).double().numpy(), atol=1e-6)
+    assert units(torch.ones(2, 5)).shape == (2, 5)  # vectors are units already
+    report = stage_report(acts[0], net.stages[0].ensemble_labels)
+    assert report["units"] == 16 and report["nmi"] == 1.0

@@ -36,7 +36,7 @@ def local_config(kind: str, *extra: str):
 def make_local(kind: str, *extra: str):
     cfg = local_config(kind, *extra)
     torch.manual_seed(0)
-    model = build_network(cfg.model, n_features=10, n_classes=4)
+    model = build_network(cfg.model, in_shape=10, n_classes=4)
     return model, Local(model, cfg)
 
 

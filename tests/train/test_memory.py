@@ -137,3 +137,25 @@ def test_buffers_of_the_given_modules_are_not_counted_even_once_replaced():
     with counted.track():
         y = module(x)
     assert counted.current == D * 4 and y.requires_grad  # y keeps the graph alive
+
+
+def test_meter_matches_hand_count_for_a_conv_stage():
+    from neuroplex.layers.conv import ConvStage
+
+    b, c, h, k = 4, 3, 10, 6
+    x = torch.randn(b, c, h, h)
+    counts = {}
+    for name, norm in (("none", None), ("batchnorm", nn.BatchNorm2d)):
+        stage = ConvStage((c, h, h), k, kernel=3, pool="max", norm=norm, act_layer=nn.ReLU)
+        meter = ActivationMeter(stage.parameters())
+        with meter.track():
+            stage(x).sum().backward()
+        counts[name] = meter.peak
+    # By hand: the conv saves its input x (its weight is a parameter); ReLU saves its output
+    # [b, k, h, h], which max-pool saves again (same storage, counted once) with its int64
+    # indices [b, k, h/2, h/2]; sum saves no tensor.
+    no_norm = b * c * h * h * 4 + b * k * h * h * 4 + b * k * (h // 2) ** 2 * 8
+    assert counts["none"] == no_norm
+    # Batch norm also saves its input (the conv output, [b, k, h, h]) and four float32 [k]
+    # vectors: running mean and variance (buffers, not parameters), batch mean and 1/std.
+    assert counts["batchnorm"] == no_norm + b * k * h * h * 4 + 4 * k * 4

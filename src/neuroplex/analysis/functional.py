@@ -33,12 +33,19 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def units(features: torch.Tensor) -> torch.Tensor:
+    """A stage's output as units: ``[n, d]`` unchanged, a feature map ``[n, c, *positions]``
+    averaged over its positions to ``[n, c]`` (a channel is a feature map's unit)."""
+    return features.flatten(2).mean(-1) if features.dim() > 2 else features
+
+
 def stage_activations(model: Network, x: torch.Tensor) -> list[np.ndarray]:
-    """Each stage's output on ``x [n, d_in]`` as float64 arrays ``[n, d_s]`` (eval mode, no
-    gradients; the model's mode is restored)."""
+    """Each stage's units on ``x [n, *in_shape]`` as float64 arrays ``[n, d_s]`` (feature maps
+    pooled over positions by :func:`units`; eval mode, no gradients; the model's mode is
+    restored)."""
     with evaluating(model):
         features = model.forward_stages(x).features
-    return [f.double().cpu().numpy() for f in features]
+    return [units(f).double().cpu().numpy() for f in features]
 
 
 def unit_correlation(acts: np.ndarray) -> np.ndarray:

@@ -238,11 +238,11 @@ def config_show(
         from neuroplex.network import build_network, describe_network
 
         data = load_dataset(cfg.data)
-        net = build_network(cfg.model, data.n_features, data.n_classes)
+        net = build_network(cfg.model, data.input_shape, data.n_classes)
         table = Table(title=f"model: {data.n_features} features -> {data.n_classes} classes")
         for column in ("part", "module", "output", "params"):
             table.add_column(column, justify="right" if column == "params" else "left")
-        for row in describe_network(net, data.n_features):
+        for row in describe_network(net, data.input_shape):
             table.add_row(row["name"], row["module"], escape(str(row["out"])), f"{row['params']:,}")
         table.add_row("total", "", "", f"{net.num_parameters():,}")
         out.print(table)

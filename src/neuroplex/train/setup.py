@@ -79,7 +79,7 @@ def build_setup(
 def build_model(cfg: Config, data: Dataset, device: torch.device) -> Network:
     """The network of ``cfg.model``; ConfigError if it cannot be allocated."""
     try:
-        return build_network(cfg.model, data.n_features, data.n_classes).to(device)
+        return build_network(cfg.model, data.input_shape, data.n_classes).to(device)
     except (RuntimeError, MemoryError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
