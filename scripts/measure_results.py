@@ -46,7 +46,9 @@ CONFIGS = [
     "configs/mnist1d_moe.yaml",
     "configs/mnist1d_modular.yaml",
     "configs/digits_mlp.yaml",
+    "configs/mnist1d_cnn.yaml",
     "configs/fmnist_mlp.yaml",  # needs the Fashion-MNIST IDX files (README: Datasets)
+    "configs/fmnist_cnn.yaml",
 ]
 
 

@@ -257,7 +257,7 @@ def test_config_show_with_override_prints_every_section(trained):
 def test_config_show_model_prints_the_stage_table(trained):
     result = invoke("config", "show", trained.config, "--model")
     assert result.exit_code == 0, result.output
-    yaml_part, _, table = result.stdout.partition("model: 64 features -> 10 classes")
+    yaml_part, _, table = result.stdout.partition("model: input [64] -> 10 classes")
     assert set(yaml.safe_load(yaml_part)) == SECTIONS
     for part in ("stage0", "stage1", "head", "params", "total"):
         assert re.search(rf"\b{part}\b", table), part

@@ -239,7 +239,8 @@ def config_show(
 
         data = load_dataset(cfg.data)
         net = build_network(cfg.model, data.input_shape, data.n_classes)
-        table = Table(title=f"model: {data.n_features} features -> {data.n_classes} classes")
+        shape = list(data.input_shape)
+        table = Table(title=escape(f"model: input {shape} -> {data.n_classes} classes"))
         for column in ("part", "module", "output", "params"):
             table.add_column(column, justify="right" if column == "params" else "left")
         for row in describe_network(net, data.input_shape):
