@@ -550,8 +550,8 @@ class Config(StrictModel):
         sparse = [s for s in self.model.stages if isinstance(s, SparseStageConfig)]
         if not sparse:
             raise ValueError(
-                "train.plasticity: the model has no sparse stage to rewire; add a stage with "
-                "kind: sparse or set train.plasticity: null"
+                "train.plasticity: the model has no sparse stage to rewire (sparse_conv stages "
+                "are not rewired yet); add a stage with kind: sparse or set train.plasticity: null"
             )
         unit = [i for i, s in enumerate(self.model.stages) if getattr(s, "wiring", "") == "random"]
         if plasticity.kind in BLOCK_KINDS and unit:
