@@ -271,7 +271,7 @@ class TrainConfig(StrictModel):
         if self.plasticity is not None and self.method == "local" and self.aux.kind == "momentum":
             raise ValueError(
                 "plasticity: not supported with method local and aux.kind momentum (the EMA "
-                "copy of a stage cannot follow its rewiring); use another aux.kind"
+                "copy of a layer cannot follow its rewiring); use another aux.kind"
             )
         return self
 

@@ -221,3 +221,25 @@ def test_local_resume_is_exact(tmp_path):
 
     full = strip(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
     assert strip(read_jsonl(tmp_path / "split" / "metrics.jsonl")) == full
+
+
+def test_both_pick_rules_build_the_same_aux_nets_for_four_one_layer_stages():
+    # docs/benchmarks.md relies on this: at 4 stages `end, 0.5` and `spread, 1.0` coincide
+    stages = "model.stages=[" + ", ".join(["{kind: dense, width: 16}"] * 4) + "]"
+
+    def aux_nets(picks, coeff):
+        cfg = load_config(
+            None,
+            [
+                stages,
+                "train.method=local",
+                f"train.aux.picks={picks}",
+                f"train.aux.depth_coeff={coeff}",
+            ],
+        )
+        torch.manual_seed(0)
+        model = build_network(cfg.model, n_features=10, n_classes=4)
+        return Local(model, cfg).aux.state_dict()
+
+    a, b = aux_nets("end", 0.5), aux_nets("spread", 1.0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
