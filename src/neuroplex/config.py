@@ -186,14 +186,14 @@ class AuxConfig(StrictModel):
         3, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly"
     )
     depth_coeff: float = Field(
-        1.0,
+        0.5,
         ge=0,
         le=1,
         description="augmented: depth decay c; the second-to-last stage gets "
         "max_depth - c*(max_depth - 1) layers (AugLocal's scripts: 0.5)",
     )
     picks: Literal["end", "spread"] = Field(
-        "spread",
+        "end",
         description="augmented: end: uniform steps ending at the last layer (AugLocal's code); "
         "spread: evenly spaced from the first later layer to the last",
     )
