@@ -367,12 +367,24 @@ class AuxConfig(StrictModel):
     kind: Literal["linear", "mlp", "augmented", "momentum"] = Field(
         "augmented",
         description="linear: linear classifier; mlp: 2-layer MLP; augmented: AugLocal, copies "
-        "of later layers; momentum: MAN, EMA copy of the next stage + learnable bias",
+        "of later layers; momentum: MAN, trainable + EMA copy of the next stage's first layer",
     )
-    hidden: int = Field(128, ge=1, description="mlp: hidden width")
+    hidden: int = Field(128, ge=1, description="mlp, momentum: hidden width of the classifier")
     width: int = Field(56, ge=1, description="augmented: width of the copied later layers")
     max_depth: int = Field(
-        3, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly to 1"
+        3, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly"
+    )
+    depth_coeff: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="augmented: depth decay c; the second-to-last stage gets "
+        "max_depth - c*(max_depth - 1) layers (AugLocal's scripts: 0.5)",
+    )
+    picks: Literal["end", "spread"] = Field(
+        "end",
+        description="augmented: end: uniform steps ending at the last layer (AugLocal's code); "
+        "spread: evenly spaced from the first later layer to the last",
     )
     momentum: float = Field(0.995, ge=0, lt=1, description="momentum: EMA decay")
 
@@ -512,7 +524,7 @@ class TrainConfig(StrictModel):
         if self.plasticity is not None and self.method == "local" and self.aux.kind == "momentum":
             raise ValueError(
                 "plasticity: not supported with method local and aux.kind momentum (the EMA "
-                "copy of a stage cannot follow its rewiring); use another aux.kind"
+                "copy of a layer cannot follow its rewiring); use another aux.kind"
             )
         return self
 

@@ -73,3 +73,12 @@ def test_resume_runs_only_the_missing_seeds_and_methods(tmp_path, monkeypatch):
 def test_table_without_backprop_shows_no_ratio():
     result = {"machine": "m", "steps": 1, "width": 8, "runs": [run_row("local / mlp", 0.5, 2**20)]}
     assert "| 1.00 MiB | — |" in table(result)
+
+
+def test_augmented_methods_name_the_layer_rule_they_run():
+    def aux(name):
+        return load_config(None, [*base_overrides(4, 8, 10), *bench_local.METHODS[name]]).train.aux
+
+    spread, reference = aux("local / augmented (spread)"), aux("local / augmented (reference)")
+    assert (spread.picks, spread.depth_coeff) == ("spread", 1.0)
+    assert (reference.picks, reference.depth_coeff) == ("end", 0.5)

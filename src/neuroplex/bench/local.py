@@ -23,7 +23,18 @@ METHODS: dict[str, list[str]] = {
     "backprop": ["train.method=backprop"],
     "local / linear": ["train.method=local", "train.aux.kind=linear"],
     "local / mlp": ["train.method=local", "train.aux.kind=mlp"],
-    "local / augmented": ["train.method=local", "train.aux.kind=augmented"],
+    "local / augmented (spread)": [
+        "train.method=local",
+        "train.aux.kind=augmented",
+        "train.aux.picks=spread",
+        "train.aux.depth_coeff=1.0",
+    ],
+    "local / augmented (reference)": [  # AugLocal's released scripts and code
+        "train.method=local",
+        "train.aux.kind=augmented",
+        "train.aux.picks=end",
+        "train.aux.depth_coeff=0.5",
+    ],
     "local / momentum": ["train.method=local", "train.aux.kind=momentum"],
 }
 
