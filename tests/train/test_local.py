@@ -238,7 +238,7 @@ def test_both_pick_rules_build_the_same_aux_nets_for_four_one_layer_stages():
             ],
         )
         torch.manual_seed(0)
-        model = build_network(cfg.model, n_features=10, n_classes=4)
+        model = build_network(cfg.model, in_shape=10, n_classes=4)
         return Local(model, cfg).aux.state_dict()
 
     a, b = aux_nets("end", 0.5), aux_nets("spread", 1.0)
