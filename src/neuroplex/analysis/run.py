@@ -16,7 +16,7 @@ import torch
 from neuroplex.analysis.execution import execution_paths
 from neuroplex.analysis.functional import stage_activations, stage_report
 from neuroplex.analysis.pathnorm import path_norm
-from neuroplex.analysis.plasticity import plasticity_report
+from neuroplex.analysis.plasticity import plasticity_report, unique_events
 from neuroplex.analysis.routing import routing_analysis
 from neuroplex.analysis.similarity import check_estimator, cka_matrix, shuffled_matrix
 from neuroplex.analysis.structure import structure_report
@@ -40,12 +40,13 @@ def probe_batch(run_dir: Path, probe: int, which: str):
 
 
 def rewiring_events(run_dir: Path, which: str) -> list[dict[str, Any]]:
-    """The run's plasticity events up to the ``which`` checkpoint (those its weights saw)."""
+    """The run's plasticity events up to the ``which`` checkpoint (those its weights saw), one
+    per (step, layer) even where a resume logged a step twice."""
     path = run_dir / PLASTICITY_LOG
     if not path.exists():
         return []
     step = load_checkpoint(run_dir, which).state["loop"]["step"]
-    return [e for e in read_jsonl(path) if e["step"] <= step]
+    return [e for e in unique_events(read_jsonl(path)) if e["step"] <= step]
 
 
 def analyze_run(
