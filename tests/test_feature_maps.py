@@ -9,7 +9,7 @@ from torch import nn
 
 from neuroplex.analysis.run import analyze_run
 from neuroplex.config import load_config
-from neuroplex.data import Dataset, Split
+from neuroplex.data.registry import Dataset, Split
 from neuroplex.errors import ConfigError
 from neuroplex.files import read_jsonl
 from neuroplex.layers.conv import ChannelLayerNorm

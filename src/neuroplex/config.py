@@ -390,7 +390,7 @@ class AuxConfig(StrictModel):
 
 
 class PlasticityConfig(StrictModel):
-    """Rewiring of the sparse layers during training (neuroplex.train.plasticity)."""
+    """Rewiring of the sparse layers during training (neuroplex.plasticity.schedule)."""
 
     kind: Literal["set", "rigl", "hebbian", "block_set", "block_rigl"] = Field(
         "set",

@@ -5,8 +5,8 @@ from neuroplex.analysis.plasticity import plasticity_report, unique_events
 from neuroplex.analysis.run import analyze_run
 from neuroplex.config import load_config
 from neuroplex.files import read_jsonl
+from neuroplex.plasticity.rewiring import sparse_layers
 from neuroplex.train import train
-from neuroplex.train.rewiring import sparse_layers
 from neuroplex.train.runs import load_run
 
 RUN = [

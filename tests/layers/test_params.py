@@ -10,7 +10,7 @@ from neuroplex.config import load_config
 from neuroplex.layers.moe import MoE
 from neuroplex.layers.params import count_parameters
 from neuroplex.layers.sparse import SparseLinear
-from neuroplex.train.prune import apply_ticket, prunable_layers
+from neuroplex.plasticity.prune import apply_ticket, prunable_layers
 from neuroplex.train.setup import build_setup
 
 UNEVEN = W.modular(13, 11, 3, 1, "ring")  # unequal ensembles: block paths pad

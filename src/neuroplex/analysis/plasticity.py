@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 
 from neuroplex.files import read_jsonl
-from neuroplex.train.plasticity import LOG
-from neuroplex.train.rewiring import sparse_layers
+from neuroplex.plasticity.rewiring import sparse_layers
+from neuroplex.plasticity.schedule import LOG
 
 
 def unique_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

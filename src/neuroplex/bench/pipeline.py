@@ -26,8 +26,8 @@ from typing import Any
 from neuroplex.bench import write
 from neuroplex.bench.local import base_overrides, machine, run_one
 from neuroplex.config import load_config
+from neuroplex.distributed.pipeline import split_stages, stage_costs
 from neuroplex.files import read_jsonl
-from neuroplex.train.pipeline import split_stages, stage_costs
 from neuroplex.train.setup import build_setup
 
 Runner = Callable[[list[str], Path], Any]

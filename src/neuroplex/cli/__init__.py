@@ -234,7 +234,7 @@ def config_show(
     cfg = load_config(file, overrides)
     print(to_yaml(cfg), end="")
     if model:
-        from neuroplex.data import load_dataset
+        from neuroplex.data.registry import load_dataset
         from neuroplex.network import build_network, describe_network
 
         data = load_dataset(cfg.data)
@@ -253,7 +253,7 @@ def config_show(
 @user_errors
 def datasets() -> None:
     """List the built-in datasets and what a user data file must contain."""
-    from neuroplex.data import describe_datasets
+    from neuroplex.data.registry import describe_datasets
 
     table = Table(title="datasets (config key data.name)")
     for column in ("name", "samples", "features", "classes", "description"):
@@ -387,7 +387,7 @@ def customize(
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 0,
 ) -> None:
     """Freeze the run as global expert; train a small local expert and a gate on new data."""
-    from neuroplex.train.customize import customize as run_customize
+    from neuroplex.methods.customize import customize as run_customize
 
     summary = run_customize(run_dir, data, out, epochs=epochs, seed=seed)
     before, after = summary["before"], summary["after"]
@@ -414,8 +414,8 @@ def prune(
     ] = 0,
 ) -> None:
     """Lottery tickets: prune by magnitude, rewind, retrain; RUN_DIR/prune/round_R per round."""
+    from neuroplex.plasticity.prune import prune_run
     from neuroplex.train.progress import default_progress
-    from neuroplex.train.prune import prune_run
 
     rows = prune_run(run_dir, rounds, rate, rewind_epoch, progress=default_progress)
     columns = ("round", "sparsity", "weights", "test acc (final epoch)", "run dir")

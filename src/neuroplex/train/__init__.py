@@ -1,7 +1,18 @@
-"""Training: the one loop, its methods, checkpoints and the activation-memory meter."""
+"""Training: the one loop, its setup, optimizers, checkpoints, run directories and the
+activation-memory meter (the methods live in neuroplex.methods)."""
 
-from neuroplex.train.evaluate import evaluate
-from neuroplex.train.loop import train
-from neuroplex.train.setup import build_setup
+from __future__ import annotations
 
-__all__ = ["build_setup", "evaluate", "train"]
+import importlib
+from typing import Any
+
+# Loaded on first use: neuroplex.methods imports train's checkpoint and optim modules, and
+# train.setup imports the methods, so an eager import here would be circular.
+_EXPORTS = {"build_setup": "setup", "evaluate": "evaluate", "train": "loop"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'neuroplex.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"neuroplex.train.{_EXPORTS[name]}"), name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from neuroplex.data import Dataset, Split
+from neuroplex.data.registry import Dataset, Split
 from neuroplex.network import Network
 
 EVAL_BATCH = 1024

@@ -4,7 +4,7 @@ Run directory written (by rank 0) through neuroplex.train.rundir::
 
     config.yaml      the resolved config
     metrics.jsonl    one JSON line per epoch (losses, accuracies, lr, samples/s, wall time)
-    plasticity.jsonl one JSON line per rewiring event (neuroplex.train.plasticity), if enabled
+    plasticity.jsonl one JSON line per rewiring event (neuroplex.plasticity.schedule), if enabled
     checkpoints/     see neuroplex.train.checkpoint
     rewind/          epoch-EEEE.safetensors: model weights after the epochs in train.save_epochs
     summary.json     final figures, written when the run ends (or stops, diverges, is interrupted)
@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from neuroplex.config import Config
+from neuroplex.distributed.parallel import World, close_world, init_world
 from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import append_jsonl
 from neuroplex.network import Network
 from neuroplex.train.evaluate import evaluate_splits
 from neuroplex.train.memory import ActivationMeter
 from neuroplex.train.optim import lr_at
-from neuroplex.train.parallel import World, close_world, init_world
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.rundir import (
     LoopState,
@@ -63,13 +63,13 @@ def train(
     ``stop_after_epoch`` ends the session after that many epochs with a checkpoint, so a long run
     can be done in pieces; resuming it gives the same metrics as an uninterrupted run.
     ``prepare`` changes the freshly built model before the method sees it (e.g. a pruned
-    lottery ticket, neuroplex.train.prune). ``start_epoch`` starts a new run at that epoch's
+    lottery ticket, neuroplex.plasticity.prune). ``start_epoch`` starts a new run at that epoch's
     first step, as if the epochs before it had run: the learning-rate schedule, the data order
-    and the step count continue from there (a ticket rewound late, neuroplex.train.prune).
+    and the step count continue from there (a ticket rewound late, neuroplex.plasticity.prune).
     """
     run_dir = Path(run_dir)
     if cfg.train.parallel > 1:
-        from neuroplex.train.pipeline import train_pipeline  # it builds on this module
+        from neuroplex.distributed.pipeline import train_pipeline  # it builds on this module
 
         if prepare is not None or start_epoch:
             raise ConfigError(

@@ -30,6 +30,8 @@ from neuroplex.files import (
     json_line,
     read_jsonl,
 )
+from neuroplex.plasticity.rewiring import restore_wirings, wiring_state
+from neuroplex.plasticity.schedule import LOG as PLASTICITY_LOG
 from neuroplex.train.checkpoint import (
     INDEX,
     Checkpoint,
@@ -40,8 +42,6 @@ from neuroplex.train.checkpoint import (
     save_checkpoint,
 )
 from neuroplex.train.memory import peak_rss_bytes
-from neuroplex.train.plasticity import LOG as PLASTICITY_LOG
-from neuroplex.train.rewiring import restore_wirings, wiring_state
 from neuroplex.train.setup import Setup
 
 

@@ -8,9 +8,9 @@ from typing import Any
 from neuroplex.config import load_config
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_json
+from neuroplex.plasticity.rewiring import restore_wirings
 from neuroplex.train.checkpoint import Checkpoint, load_checkpoint, load_module_state
 from neuroplex.train.evaluate import evaluate
-from neuroplex.train.rewiring import restore_wirings
 from neuroplex.train.rundir import load_method_state
 from neuroplex.train.setup import Setup, build_setup
 
@@ -67,8 +67,8 @@ def evaluate_exits(
 ) -> dict:
     """Early-exit policies of a local run; writes ``exits.json`` and ``exits.png``.
     ``overrides`` (``train.exits.KEY=VALUE``) change the exit settings, nothing else."""
+    from neuroplex.methods.exits import exit_report
     from neuroplex.report.plots import exits_figure, save_png
-    from neuroplex.train.exits import exit_report
 
     run_dir = Path(run_dir)
     for item in overrides or []:

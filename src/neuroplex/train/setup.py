@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from neuroplex.config import Config
-from neuroplex.data import Dataset, load_dataset
+from neuroplex.data.registry import Dataset, load_dataset
+from neuroplex.distributed.parallel import World
 from neuroplex.errors import ConfigError
+from neuroplex.methods.backprop import Backprop
+from neuroplex.methods.local import Local
 from neuroplex.network import Network, build_network
-from neuroplex.train.backprop import Backprop
-from neuroplex.train.local import Local
+from neuroplex.plasticity.schedule import NullPlasticity, Plasticity, build_plasticity
 from neuroplex.train.method import Method
-from neuroplex.train.parallel import World
-from neuroplex.train.plasticity import NullPlasticity, Plasticity, build_plasticity
 
 METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
 

@@ -1,5 +1,5 @@
 """Processes working together: data parallelism (``torchrun --nproc-per-node N -m neuroplex train
-CONFIG``) and the links of the stage pipeline (``train.parallel: N``, see train/pipeline.py).
+CONFIG``) and the links of the stage pipeline (``train.parallel: N``, see distributed/pipeline.py).
 
 Data parallel: every rank runs the same loop on its shard of each global batch; gradients are
 averaged by ``DistributedDataParallel`` (one DDP wrapper per independently trained part: the whole

@@ -7,8 +7,7 @@ from torch import nn
 
 from neuroplex.config import ExitsConfig, load_config
 from neuroplex.errors import ConfigError, NeuroplexError
-from neuroplex.train import loop
-from neuroplex.train.exits import (
+from neuroplex.methods.exits import (
     ExitOutputs,
     accuracy_at_stages,
     best_saving,
@@ -27,6 +26,7 @@ from neuroplex.train.exits import (
     train_jei,
     uncertainty_features,
 )
+from neuroplex.train import loop
 from neuroplex.train.runs import evaluate_exits
 
 

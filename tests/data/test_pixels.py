@@ -1,4 +1,4 @@
-"""Tests of neuroplex.pixels: augmentation against a numpy reference, its determinism from
+"""Tests of neuroplex.data.pixels: augmentation against a numpy reference, its determinism from
 (seed, epoch, step), training batches only, and exact resume of a run with augmentation."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from neuroplex.config import AugmentConfig, DataConfig, load_config
-from neuroplex.data import load_dataset
+from neuroplex.data.pixels import channel_stats, draw_augmentation
+from neuroplex.data.registry import load_dataset
 from neuroplex.files import read_jsonl
-from neuroplex.pixels import channel_stats, draw_augmentation
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import read_index
 

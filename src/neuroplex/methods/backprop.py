@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuroplex.config import Config
+from neuroplex.distributed.parallel import data_parallel
 from neuroplex.network import Network, NetworkOutput
 from neuroplex.train.checkpoint import load_optimizer_state, optimizer_state
 from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
-from neuroplex.train.parallel import data_parallel
 
 
 class ForwardStages(nn.Module):

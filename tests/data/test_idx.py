@@ -1,4 +1,4 @@
-"""Tests of neuroplex.idx: IDX files written here with struct, gzipped or not, and bad ones."""
+"""Tests of neuroplex.data.idx: IDX files written here with struct, gzipped or not, and bad ones."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
+from neuroplex.data.idx import read_idx
 from neuroplex.errors import DataError
-from neuroplex.idx import read_idx
 
 
 def idx_bytes(array: np.ndarray, code: int) -> bytes:

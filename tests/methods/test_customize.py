@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from neuroplex.errors import NeuroplexError
+from neuroplex.methods.customize import Customized, customize, linear_cost
 from neuroplex.train import train
-from neuroplex.train.customize import Customized, customize, linear_cost
 
 
 @pytest.fixture

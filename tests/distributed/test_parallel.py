@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from neuroplex.distributed.parallel import World
 from neuroplex.files import read_jsonl
-from neuroplex.train.parallel import World
 
 TINY = """
 name: tiny

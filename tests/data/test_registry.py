@@ -1,4 +1,4 @@
-"""Tests of neuroplex.data: built-in datasets, caching, splits, standardisation, bad files."""
+"""Tests of neuroplex.data.registry: built-in datasets, caching, splits, standardisation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neuroplex.config import DataConfig
-from neuroplex.data import Dataset, cache_dir, describe_datasets, load_dataset
+from neuroplex.data.registry import Dataset, cache_dir, describe_datasets, load_dataset
 
 
 @pytest.fixture(autouse=True)

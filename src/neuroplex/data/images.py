@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from neuroplex.config import IdxFilesConfig
-from neuroplex.datafile import encode_labels, read_npz
+from neuroplex.data.idx import read_idx
+from neuroplex.data.userfiles import encode_labels, read_npz
 from neuroplex.errors import DataError
 from neuroplex.files import atomic_write
-from neuroplex.idx import read_idx
 
 SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_MNIST_CLASSES = [

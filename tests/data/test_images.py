@@ -1,4 +1,4 @@
-"""Tests of neuroplex.images through load_dataset: IDX datasets (Fashion-MNIST's place search),
+"""Tests of neuroplex.data.images through load_dataset: IDX datasets (Fashion-MNIST's place search),
 image .npz files and folders, their errors, and per-channel standardisation. All files are
 small and made here; the real Fashion-MNIST files are never read."""
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from neuroplex import images
 from neuroplex.config import DataConfig, load_config
-from neuroplex.data import load_dataset
+from neuroplex.data import images
+from neuroplex.data.registry import load_dataset
 from neuroplex.errors import ConfigError, DataError
 
 NAMES = {

@@ -10,12 +10,12 @@ import torch
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
 from neuroplex.config import load_config
+from neuroplex.distributed.parallel import PipelineError
+from neuroplex.distributed.pipeline import EXIT_AT, split_stages, worker_failure
 from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import read_jsonl
 from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.loop import train
-from neuroplex.train.parallel import PipelineError
-from neuroplex.train.pipeline import EXIT_AT, split_stages, worker_failure
 
 # Dropout in stage 0 only, which rank 0 trains with the run's own random stream: the masks are
 # the sequential run's, and resume must restore the stream exactly.
@@ -78,7 +78,7 @@ def assert_same_run(run_dir, reference):
 
 
 def test_the_tiny_model_splits_after_stage_0(data_file):
-    from neuroplex.train.pipeline import stage_costs
+    from neuroplex.distributed.pipeline import stage_costs
     from neuroplex.train.setup import build_setup
 
     assert split_stages(stage_costs(build_setup(tiny(data_file)).method), 2)[0] == range(0, 1)

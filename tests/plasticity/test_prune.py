@@ -12,9 +12,9 @@ from neuroplex.config import load_config
 from neuroplex.errors import CheckpointError, ConfigError
 from neuroplex.files import read_jsonl
 from neuroplex.layers.sparse import SparseLinear
+from neuroplex.plasticity.prune import apply_ticket, prunable_layers, prune_masks, prune_run
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import load_checkpoint, load_module_state
-from neuroplex.train.prune import apply_ticket, prunable_layers, prune_masks, prune_run
 from neuroplex.train.rundir import rewind_path
 from neuroplex.train.setup import build_setup
 

@@ -7,7 +7,7 @@ import torch
 from neuroplex import wiring as W
 from neuroplex.errors import CheckpointError
 from neuroplex.layers.sparse import SparseLinear
-from neuroplex.train.rewiring import (
+from neuroplex.plasticity.rewiring import (
     apply_wiring,
     block_rms,
     block_swap,

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from neuroplex.config import DataConfig
-from neuroplex.data import MNIST1D_VARIANTS, Dataset, Split, load_dataset
+from neuroplex.data.registry import MNIST1D_VARIANTS, Dataset, Split, load_dataset
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write, atomic_write_json
 from neuroplex.network import Network

@@ -11,10 +11,10 @@ from neuroplex.errors import ConfigError
 from neuroplex.files import read_jsonl
 from neuroplex.layers.sparse_plan import choose_path
 from neuroplex.network import build_network
+from neuroplex.plasticity.rewiring import sparse_layers, wiring_state
+from neuroplex.plasticity.schedule import LOG
 from neuroplex.train import loop
 from neuroplex.train.checkpoint import load_checkpoint
-from neuroplex.train.plasticity import LOG
-from neuroplex.train.rewiring import sparse_layers, wiring_state
 from neuroplex.train.runs import evaluate_run
 from neuroplex.train.setup import build_setup
 

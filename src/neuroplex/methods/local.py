@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuroplex.config import AuxConfig, Config, DenseStageConfig
+from neuroplex.distributed.parallel import data_parallel
 from neuroplex.layers import DenseBlock, DenseStage, StageOutput
 from neuroplex.network import ACTIVATIONS, NORMS, Network, run_stage
 from neuroplex.train.checkpoint import (
@@ -37,7 +38,6 @@ from neuroplex.train.checkpoint import (
 )
 from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
-from neuroplex.train.parallel import data_parallel
 
 
 def redrawn_copy(layer: nn.Module) -> nn.Module:

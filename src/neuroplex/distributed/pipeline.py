@@ -45,20 +45,20 @@ from torch import Tensor, nn
 from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
 
 from neuroplex.config import Config
-from neuroplex.errors import ConfigError, NeuroplexError
-from neuroplex.train.checkpoint import INDEX, checkpoint_root
-from neuroplex.train.evaluate import evaluate_splits
-from neuroplex.train.local import Local
-from neuroplex.train.loop import EpochTotals, epoch_batches, finish_epoch, run_epochs, train_batch
-from neuroplex.train.memory import ActivationMeter
-from neuroplex.train.method import StepResult
-from neuroplex.train.parallel import (
+from neuroplex.distributed.parallel import (
     Pipe,
     PipelineError,
     PipelineWorld,
     join_process_group,
     peer_guard,
 )
+from neuroplex.errors import ConfigError, NeuroplexError
+from neuroplex.methods.local import Local
+from neuroplex.train.checkpoint import INDEX, checkpoint_root
+from neuroplex.train.evaluate import evaluate_splits
+from neuroplex.train.loop import EpochTotals, epoch_batches, finish_epoch, run_epochs, train_batch
+from neuroplex.train.memory import ActivationMeter
+from neuroplex.train.method import StepResult
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.rundir import LoopState, restore, start_run_dir
 from neuroplex.train.setup import Setup, build_setup

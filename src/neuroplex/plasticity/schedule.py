@@ -55,13 +55,13 @@ import torch
 from torch import Tensor, nn
 
 from neuroplex.config import BLOCK_KINDS, Config, PlasticityConfig
-from neuroplex.data import Split
+from neuroplex.data.registry import Split
+from neuroplex.distributed.parallel import World
 from neuroplex.errors import ConfigError
 from neuroplex.files import append_jsonl
 from neuroplex.layers.sparse import SparseLinear
 from neuroplex.layers.stages import SparseBlock
-from neuroplex.train.parallel import World
-from neuroplex.train.rewiring import (
+from neuroplex.plasticity.rewiring import (
     apply_wiring,
     block_rms,
     block_swap,

@@ -1,6 +1,6 @@
 """Rewiring arithmetic: which connections to prune and regrow, and applying a new wiring to a
 SparseLinear together with its optimizer state. The schedule and the events live in
-neuroplex.train.plasticity; this file decides and applies one swap.
+neuroplex.plasticity.schedule; this file decides and applies one swap.
 
 Shape legend: ``n_out`` / ``n_in`` units, ``g_out`` / ``g_in`` ensembles, ``p`` probe samples.
 """

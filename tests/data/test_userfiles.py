@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuroplex.config import DataConfig
-from neuroplex.data import Dataset, load_dataset
+from neuroplex.data.registry import Dataset, load_dataset
 from neuroplex.errors import DataError
 
 

@@ -1,5 +1,5 @@
 """Datasets: MNIST-1D (generated offline, cached), scikit-learn digits, Fashion-MNIST and other
-IDX files, image .npz files and folders (neuroplex.images), and user feature files.
+IDX files, image .npz files and folders (neuroplex.data.images), and user feature files.
 
 ``load_dataset(cfg)`` returns a :class:`Dataset` of samples ``[n, *input_shape]`` and int64
 labels ``[n]`` split into train / val / test. Splits are stratified by label when possible and
@@ -7,7 +7,7 @@ seeded by ``cfg.split_seed``, so the same config always gives identical tensors.
 float32, standardised per feature with statistics of the training split only. Images (and
 ``data.shape: image``) keep their stored pixels (uint8 stays uint8) and become float32 per batch
 through :meth:`Split.inputs`, standardised per channel with training-split statistics and, for
-training batches, augmented (neuroplex.pixels). Read a split's model inputs with
+training batches, augmented (neuroplex.data.pixels). Read a split's model inputs with
 ``split.inputs(...)``, never ``split.x`` directly.
 
 A bad user file raises :class:`~neuroplex.errors.DataError` with one line naming the file and
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuroplex.builtin import (
+from neuroplex.config import AugmentConfig, DataConfig
+from neuroplex.data.builtin import (
     DIGITS_CLASSES,
     DIGITS_FEATURES,
     DIGITS_SAMPLES,
@@ -36,16 +37,15 @@ from neuroplex.builtin import (
     digits_arrays,
     mnist1d_arrays,
 )
-from neuroplex.config import AugmentConfig, DataConfig
-from neuroplex.datafile import read_data_file
-from neuroplex.errors import DataError
-from neuroplex.images import (
+from neuroplex.data.images import (
     FASHION_MNIST_CLASSES,
     fashion_mnist_root,
     read_idx_dataset,
     read_images,
 )
-from neuroplex.pixels import Draw, Pixels, channel_stats, draw_augmentation
+from neuroplex.data.pixels import Draw, Pixels, channel_stats, draw_augmentation
+from neuroplex.data.userfiles import read_data_file
+from neuroplex.errors import DataError
 
 STD_FLOOR = 1e-8
 Parts = dict[str, tuple[np.ndarray, np.ndarray]]

@@ -1,0 +1,1 @@
+"""Processes working together: data parallelism and the stage pipeline."""

@@ -1,0 +1,2 @@
+"""Training methods: end-to-end backprop, local learning with auxiliary networks, early exits
+and customisation of a trained network."""

@@ -1,0 +1,1 @@
+"""Plasticity: the rewiring schedule, the prune/regrow arithmetic and lottery-ticket pruning."""
