@@ -45,7 +45,7 @@ METRIC_KEYS = {
     "wall_time",
 }
 TIMING = {"samples_per_s", "wall_time"}
-SECTIONS = {"name", "seed", "device", "threads", "output_dir", "data", "model", "train"}
+SECTIONS = {"name", "seed", "device", "threads", "output_dir", "data", "model", "train", "log"}
 
 
 def invoke(*args, **kwargs):
@@ -435,9 +435,24 @@ def test_analyze_prints_structure_vs_function_and_routing(tmp_path):
             "biased",
             "--probe",
             "50",
+            "--json",
         ],
     )
     assert biased.exit_code == 0 and json.loads(biased.stdout)["estimator"] == "biased"
+
+
+def test_compare_prints_a_labelled_table_of_the_json_figures(trained):
+    args = ("compare", trained.run, trained.run, "--probe", "50")
+    as_json = json.loads(invoke(*args, "--json").stdout)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "B stage 0" in line)
+    assert re.findall(r"B stage \d", header) == ["B stage 0", "B stage 1"]
+    for i, row in enumerate(as_json["cka"]):
+        line = next(line for line in result.stdout.splitlines() if f"A stage {i} " in line)
+        assert re.findall(r"-?\d\.\d\d(?!\d)", line) == [f"{v:.2f}" for v in row]
+    shuffled = max(abs(v) for row in as_json["cka_shuffled"] for v in row)
+    assert f"shuffled-rows baseline: |CKA| <= {shuffled:.2f}" in result.stdout
 
 
 def test_report_reanalyses_an_analysis_of_an_older_format(tmp_path, trained):

@@ -529,6 +529,21 @@ class TrainConfig(StrictModel):
         return self
 
 
+class LogConfig(StrictModel):
+    """Loggers fed every step (loss, lr), every epoch (the metrics.jsonl record) and every
+    rewiring event (neuroplex.train.loggers)."""
+
+    tensorboard: bool = Field(
+        True, description="TensorBoard event files in RUN_DIR/tensorboard (torch.utils.tensorboard)"
+    )
+    csv: bool = Field(True, description="RUN_DIR/steps.csv (step, epoch, loss, lr), metrics.csv")
+    wandb: bool = Field(False, description="Weights & Biases (pip install 'neuroplex[wandb]')")
+    mlflow: bool = Field(False, description="MLflow tracking (pip install 'neuroplex[mlflow]')")
+    project: str = Field(
+        "neuroplex", min_length=1, description="wandb project / mlflow experiment name"
+    )
+
+
 class Config(StrictModel):
     name: str = Field("run", min_length=1, description="run name (prefix of the run dir)")
     seed: int = Field(0, **SEED, description="the one seed: init, shuffling, dropout")
@@ -544,6 +559,7 @@ class Config(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _name_stays_in_output_dir(self) -> Config:

@@ -329,12 +329,34 @@ def compare(
     run_b: Annotated[Path, typer.Argument(help="second run directory")],
     probe: Annotated[int, typer.Option(help="test samples to probe with")] = 1000,
     cka: CkaOption = "debiased",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Linear CKA between the stages of two runs (e.g. backprop vs local), best checkpoints,
-    with its shuffled-rows baseline; prints JSON."""
+    with its shuffled-rows baseline: a table (rows: run A's stages, columns: run B's)."""
     from neuroplex.analysis.run import compare_runs
 
-    print(json.dumps(compare_runs(run_a, run_b, probe=probe, cka=cka), indent=2))
+    result = compare_runs(run_a, run_b, probe=probe, cka=cka)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(cka_table(result))
+    shuffled = max((abs(v) for row in result["cka_shuffled"] for v in row), default=0.0)
+    print(f"shuffled-rows baseline: |CKA| <= {shuffled:.2f} (what unrelated stages would score)")
+
+
+def cka_table(result: dict) -> Table:
+    """CKA ``[stages of A, stages of B]`` as a labelled table, two decimals."""
+    title = (
+        f"{result['estimator']} linear CKA, {result['checkpoint']} checkpoints, "
+        f"{result['probe']} test inputs: rows A = {result['run_a']}, columns B = {result['run_b']}"
+    )
+    table = Table(title=escape(title))
+    table.add_column("A \\ B")
+    for j in range(len(result["cka"][0]) if result["cka"] else 0):
+        table.add_column(f"B stage {j}", justify="right")
+    for i, row in enumerate(result["cka"]):
+        table.add_row(f"A stage {i}", *(f"{v:.2f}" for v in row))
+    return table
 
 
 @app.command()

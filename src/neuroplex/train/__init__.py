@@ -8,7 +8,13 @@ from typing import Any
 
 # Loaded on first use: neuroplex.methods imports train's checkpoint and optim modules, and
 # train.setup imports the methods, so an eager import here would be circular.
-_EXPORTS = {"build_setup": "setup", "evaluate": "evaluate", "train": "loop"}
+_EXPORTS = {
+    "Callback": "callbacks",
+    "StepLog": "callbacks",
+    "build_setup": "setup",
+    "evaluate": "evaluate",
+    "train": "loop",
+}
 __all__ = sorted(_EXPORTS)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,9 @@ from neuroplex.distributed.parallel import World, close_world, init_world
 from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import append_jsonl
 from neuroplex.network import Network
+from neuroplex.train.callbacks import Callback, Callbacks, StepLog, check_callbacks
 from neuroplex.train.evaluate import evaluate_splits
+from neuroplex.train.loggers import build_loggers, check_loggers
 from neuroplex.train.memory import ActivationMeter
 from neuroplex.train.optim import lr_at
 from neuroplex.train.progress import NullProgress
@@ -57,6 +59,7 @@ def train(
     progress: NullProgress | None = None,
     prepare: Callable[[Network], None] | None = None,
     start_epoch: int = 0,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); return the summary.
 
@@ -66,8 +69,12 @@ def train(
     lottery ticket, neuroplex.plasticity.prune). ``start_epoch`` starts a new run at that epoch's
     first step, as if the epochs before it had run: the learning-rate schedule, the data order
     and the step count continue from there (a ticket rewound late, neuroplex.plasticity.prune).
+    ``callbacks`` are called every step, epoch and at the end, after the loggers of ``cfg.log``
+    (neuroplex.train.callbacks).
     """
     run_dir = Path(run_dir)
+    callbacks = check_callbacks(callbacks)
+    check_loggers(cfg.log)
     if cfg.train.parallel > 1:
         from neuroplex.distributed.pipeline import train_pipeline  # it builds on this module
 
@@ -75,6 +82,11 @@ def train(
             raise ConfigError(
                 f"train.parallel = {cfg.train.parallel}: a prepared (e.g. pruned) model trains "
                 "in one process; set train.parallel = 1"
+            )
+        if callbacks:
+            raise ConfigError(
+                f"callbacks: not with train.parallel = {cfg.train.parallel} (the stages train "
+                "in spawned processes); the loggers of log: still run"
             )
         with run_dir_lock(run_dir):
             return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)
@@ -85,7 +97,8 @@ def train(
             if not world.is_main:
                 progress = None  # one progress display, on rank 0
             state = restore(run_dir, s) if resume else start_run_dir(run_dir, s, start_epoch)
-            return run_epochs(s, state, run_dir, stop_after_epoch, progress or NullProgress())
+            shown = progress or NullProgress()
+            return run_epochs(s, state, run_dir, stop_after_epoch, shown, callbacks=callbacks)
     finally:
         close_world(world)
 
@@ -100,10 +113,37 @@ def run_epochs(
     stop_after_epoch: int | None,
     progress: NullProgress,
     epoch_fn: EpochFn | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Epochs of ``epoch_fn`` (default :func:`run_epoch`; the pipeline plugs in its own), with
-    metrics, checkpoints and the summary."""
-    epoch_fn = epoch_fn or run_epoch
+    metrics, checkpoints and the summary; rank 0 tells the loggers of ``s.cfg.log`` and
+    ``callbacks``."""
+    if s.world.is_main:
+        s.callbacks = Callbacks([*build_loggers(s.cfg, run_dir, state.step), *callbacks])
+    summary = None
+    try:
+        summary = _epochs(s, state, run_dir, stop_after_epoch, progress, epoch_fn or run_epoch)
+        return summary
+    except TrainingDiverged as e:
+        summary = write_summary(run_dir, s, state, status="diverged", error=str(e))
+        raise
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the CLI raises it
+        why = f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}); {resume_hint(run_dir)}"
+        summary = write_summary(run_dir, s, state, status="interrupted", error=why)
+        raise
+    finally:
+        s.callbacks.on_end(summary)
+
+
+def _epochs(
+    s: Setup,
+    state: LoopState,
+    run_dir: Path,
+    stop_after_epoch: int | None,
+    progress: NullProgress,
+    epoch_fn: EpochFn,
+) -> dict[str, Any]:
+    """The epochs of this session, each logged and checkpointed; the summary."""
     meter = ActivationMeter(modules=s.method.modules())
     meter.peak = state.activation_peak
     last_epoch = (
@@ -119,13 +159,7 @@ def run_epochs(
             progress.epoch_end(record)
             if state.epoch % s.cfg.train.checkpoint_every == 0 or state.epoch == last_epoch:
                 save(run_dir, s, state, best=record["is_best"])
-    except TrainingDiverged as e:
-        write_summary(run_dir, s, state, status="diverged", error=str(e))
-        raise
-    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the CLI raises it
-        why = f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}); {resume_hint(run_dir)}"
-        write_summary(run_dir, s, state, status="interrupted", error=why)
-        raise
+            s.callbacks.on_epoch(record)
     finally:
         progress.close()
     status = "completed" if state.epoch >= s.total_epochs else "stopped"
@@ -200,7 +234,8 @@ def train_batch(
             "train.lr or set train.grad_clip."
         )
     state.step += 1
-    s.plasticity.after_step(state.step, run_dir)  # rewiring, every train.plasticity.every
+    events = s.plasticity.after_step(state.step, run_dir)  # rewiring, every plasticity.every
+    s.callbacks.on_step(StepLog(state.step, state.epoch, loss, totals.lr, events))
     totals.loss_sum += loss * len(y)
     totals.correct += int(result.correct)
     totals.seen += len(y)

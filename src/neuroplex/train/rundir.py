@@ -219,6 +219,7 @@ def write_summary(
         "error": error,
         "test_acc": final.get("test_acc"),
         "test_loss": final.get("test_loss"),
+        "val_acc": final.get("val_acc"),  # of the final epoch, the model test_acc is of
         "best_val_acc": state.best_val_acc,
         "best_epoch": state.best_epoch,
         "test_acc_at_best_val": best.get("test_acc"),

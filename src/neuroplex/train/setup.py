@@ -18,6 +18,7 @@ from neuroplex.methods.backprop import Backprop
 from neuroplex.methods.local import Local
 from neuroplex.network import Network, build_network
 from neuroplex.plasticity.schedule import NullPlasticity, Plasticity, build_plasticity
+from neuroplex.train.callbacks import Callbacks
 from neuroplex.train.method import Method
 
 METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
@@ -34,6 +35,7 @@ class Setup:
     method: Method
     world: World = field(default_factory=World)
     plasticity: Plasticity | NullPlasticity = field(default_factory=NullPlasticity)
+    callbacks: Callbacks = field(default_factory=Callbacks)  # rank 0's loggers and user hooks
 
     @cached_property
     def scheduled(self) -> list[nn.Module]:
