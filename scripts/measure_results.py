@@ -1,6 +1,7 @@
 """Measure the README's results table and learning-curve plot (``make results``).
 
-Trains each shipped baseline config for several seeds, then writes
+Trains each shipped baseline config for several seeds with ``neuroplex sweep`` (its Python
+function: OUT/CONFIG_STEM/seedS, each with its sweep.json and sweep.md), then writes
 ``docs/results.json``, ``docs/results.md`` (the table) and ``docs/learning_curve.png``.
 Every figure of a run is of one model, the one at the end of training (final epoch,
 ``ACCURACY`` / ``CHECKPOINT``): its test accuracy and its ensemble NMI. Not the checkpoint of
@@ -12,7 +13,8 @@ final-epoch accuracy too.
     python scripts/measure_results.py [--seeds 3] [--out runs/results-TIMESTAMP] [--only CONFIG]...
 
 ``--only`` re-measures just those configs and keeps the other configs' figures from
-``docs/results.json``.
+``docs/results.json``. Given the ``--out`` of an interrupted measurement, finished runs are
+kept and interrupted ones resumed (the sweep's own resume).
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ import torch
 from update_readme import main as update_readme
 
 from neuroplex.analysis.run import analyze_run
-from neuroplex.config import load_config
-from neuroplex.files import atomic_write_json, atomic_write_text, read_jsonl
+from neuroplex.files import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from neuroplex.report.plots import learning_curves, save_png
-from neuroplex.train import train
-from neuroplex.train.progress import PlainProgress
+from neuroplex.sweep.run import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 ACCURACY = "test_acc"  # summary.json: test accuracy of the final epoch
@@ -53,14 +53,19 @@ CONFIGS = [
 
 
 def run_all(configs: list[str], seeds: int, out: Path) -> dict:
+    """Each config's runs (seeds 0..seeds-1, one at a time: the table quotes train times), as
+    ``{config: [{"run_dir", **summary.json, "nmi"}, ...]}``."""
     results = {}
     for config in configs:
+        where = out / Path(config).stem
+        print(f"== {config}: seeds 0-{seeds - 1} -> {where}", flush=True)
+        swept = sweep(REPO / config, seeds=list(range(seeds)), out=where, say=print)
         runs = []
-        for seed in range(seeds):
-            cfg = load_config(REPO / config, [f"seed={seed}"])
-            run_dir = out / f"{cfg.name}-seed{seed}"
-            print(f"== {config} seed {seed} -> {run_dir}", flush=True)
-            summary = train(cfg, run_dir, progress=PlainProgress())
+        for row in swept["cells"][0]["runs"]:
+            run_dir = Path(row["run_dir"])
+            if row["status"] != "completed":
+                raise SystemExit(f"{run_dir}: {row['status']}, not completed; see its summary")
+            summary = read_json(run_dir / "summary.json")
             runs.append({"run_dir": str(run_dir), **summary, "nmi": designed_nmi(run_dir)})
         results[config] = runs
     return results

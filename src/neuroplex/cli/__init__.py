@@ -450,6 +450,76 @@ def prune(
     print(f"table: {run_dir / 'prune' / 'prune.md'}")
 
 
+@app.command()
+@user_errors
+def sweep(
+    config: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="YAML config file (default: the built-in defaults)"),
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="seeds: N, A-B or a comma list (0-4, 0,2,5)")] = "0",
+    grid: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="KEY=V1,V2,...: a config key and its values (repeatable: product)"),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="runs at once (processes; cores split)")] = 1,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="sweep directory (default: OUTPUT_DIR/sweep-CONFIG_NAME)"),
+    ] = None,
+) -> None:
+    """Train every grid cell x seed (skipping finished runs, resuming interrupted ones); write
+    sweep.json, sweep.md (mean ± std per cell, best on validation) and sweep.png."""
+    from neuroplex.sweep.run import sweep as run_sweep
+
+    if out is None:
+        cfg = load_config(config)
+        out = cfg.output_dir / f"sweep-{config.stem if config is not None else cfg.name}"
+    check_run_dir(out)
+    try:
+        with sigterm_as_interrupt():
+            result = run_sweep(config, seeds=seeds, grid=grid, out=out, jobs=jobs, say=_say)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"interrupted ({name}): give the same command again to continue", file=sys.stderr)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+    print((out / "sweep.md").read_text(encoding="utf-8"), end="")
+    print(f"best cell: {result['best'] or 'none (no validation accuracy)'}")
+    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+
+
+@app.command()
+@user_errors
+def runs(
+    directory: Annotated[Path, typer.Argument(help="a folder of run directories (e.g. a sweep)")],
+) -> None:
+    """List the runs under DIRECTORY with their status and key figures."""
+    from neuroplex.sweep.summary import list_runs
+
+    rows = list_runs(directory)
+    columns = ("run", "status", "epochs", "params", "val acc", "test acc", "test acc (best val)")
+    table = Table(title=escape(f"{len(rows)} runs under {directory}"))
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            escape(str(Path(row["run_dir"]).relative_to(directory))),
+            row["status"],
+            str(row.get("epochs", "")),
+            f"{row['params']:,}" if row.get("params") is not None else "",
+            *(_pct(row.get(key)) for key in ("val_acc", "test_acc", "test_acc_at_best_val")),
+        )
+    out.print(table)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

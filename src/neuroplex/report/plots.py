@@ -227,3 +227,24 @@ def plasticity_figure(layers: list[dict[str, Any]], kind: str) -> Figure:
     ax_swap.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def sweep_figure(cells: list[dict[str, Any]], best: str | None, select: str) -> Figure:
+    """Validation and test accuracy of every sweep cell, mean ± std over seeds (error bars);
+    the cell selected on ``select`` (validation) is marked ★."""
+    labels = [
+        ("★ " if c["name"] == best else "") + (c["name"] or "base").replace("_", "\n")
+        for c in cells
+    ]
+    x = np.arange(len(cells))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(cells) + 2), 4.0))
+    for offset, (key, label) in ((-0.2, (select, "validation")), (0.2, ("test_acc", "test"))):
+        means = [100 * c[key]["mean"] if c[key]["mean"] is not None else np.nan for c in cells]
+        stds = [100 * c[key]["std"] if c[key]["std"] is not None else 0.0 for c in cells]
+        ax.bar(x + offset, means, width=0.4, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set(ylabel="accuracy (%), final epoch", title="sweep: mean ± std over seeds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    return fig
