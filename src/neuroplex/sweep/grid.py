@@ -95,9 +95,7 @@ def cells(grid: dict[str, list[str]]) -> list[Cell]:
     ]
 
 
-def plan(
-    config: Path | None, seeds: list[int], grid: dict[str, list[str]], out: Path
-) -> list[Run]:
+def plan(config: Path | None, seeds: list[int], grid: dict[str, list[str]], out: Path) -> list[Run]:
     """Every run of the sweep, its config validated (a bad grid value is one line naming the
     --grid item)."""
     load_config(config)  # the base config's own errors first, as they are

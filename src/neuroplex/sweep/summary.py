@@ -48,8 +48,7 @@ def mean_std(values: list[float]) -> dict[str, Any]:
 def cell_record(name: str, params: dict[str, str], runs: list[Run]) -> dict[str, Any]:
     """One cell: its runs' figures and, over the completed ones, mean ± std of each figure."""
     rows = [
-        {"seed": run.seed, "run_dir": str(run.run_dir), **run_figures(run.run_dir)}
-        for run in runs
+        {"seed": run.seed, "run_dir": str(run.run_dir), **run_figures(run.run_dir)} for run in runs
     ]
     done = [row for row in rows if row["status"] == "completed"]
     stats = {
