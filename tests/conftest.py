@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+from typing import Any
 
-from neuroplex.config import Config, load_config
+import pytest
+import yaml
+
+from neuroplex.config import Config, load_config, merge
 from neuroplex.train.progress import NullProgress
 
 
@@ -47,3 +51,27 @@ class KillAt(NullProgress):
 def kill_at() -> type[KillAt]:
     """``kill_at(step)``: a progress display that interrupts training at ``step``."""
     return KillAt
+
+
+SMALL = {
+    "name": "small",
+    "threads": 1,  # a tiny model: one thread is faster, above all on a busy machine
+    "data": {"name": "digits"},
+    "model": {"stages": [{"kind": "dense", "width": 16}]},
+    "train": {"epochs": 2, "batch_size": 128, "lr": 0.01},
+    "log": {"tensorboard": False},
+}
+
+
+def write_small_yaml(directory: Path, changes: dict[str, Any] | None = None) -> Path:
+    """``directory/small.yaml``: one dense stage on digits, 2 epochs of 9 steps (for tests that
+    train many runs), with ``changes`` merged in."""
+    path = directory / "small.yaml"
+    path.write_text(yaml.safe_dump(merge(SMALL, changes or {})), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_yaml():
+    """``small_yaml(directory, changes=None)``: write the small config, return its path."""
+    return write_small_yaml

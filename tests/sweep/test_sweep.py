@@ -7,7 +7,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from neuroplex.cli import app
@@ -15,22 +14,10 @@ from neuroplex.errors import NeuroplexError
 from neuroplex.files import read_jsonl
 from neuroplex.sweep import run as sweep_run
 from neuroplex.sweep.run import sweep
-from neuroplex.train import Callback, loop
+from neuroplex.train import loop
+from neuroplex.train.runlock import run_dir_lock
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "digits"},
-    "model": {"stages": [{"kind": "dense", "width": 16}]},
-    "train": {"epochs": 2, "batch_size": 128, "lr": 0.01},
-    "log": {"tensorboard": False},
-}
 GRID = ["train.lr=1e-2,3e-3"]
-
-
-def write_config(directory: Path, **changes) -> Path:
-    path = directory / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, **changes}), encoding="utf-8")
-    return path
 
 
 def summary(run_dir: Path) -> dict:
@@ -46,11 +33,11 @@ def without_timing(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, small_yaml):
     base = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEUROPLEX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        result = sweep(write_config(base), seeds="0-1", grid=GRID, out=base / "out")
+        result = sweep(small_yaml(base), seeds="0-1", grid=GRID, out=base / "out")
     return base / "out", result
 
 
@@ -93,26 +80,19 @@ def test_runs_lists_every_run_with_its_figures(swept):
         assert "completed" in line and f"{100 * s['test_acc']:.2f}%" in line
 
 
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, log) -> None:
-        if log.step == self.step:
-            raise KeyboardInterrupt
-
-
-def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkeypatch):
-    config = write_config(tmp_path)
+def test_a_killed_sweep_resumes_without_rerunning_finished_runs(
+    tmp_path, monkeypatch, kill_at, small_yaml
+):
+    config = small_yaml(tmp_path)
     calls: list[tuple[str, bool]] = []
 
-    def recorded(cfg, run_dir, *, resume, callbacks=()):
+    def recorded(cfg, run_dir, *, resume, progress=None):
         calls.append((str(Path(run_dir).relative_to(tmp_path / "out")), resume))
-        return loop.train(cfg, run_dir, resume=resume, callbacks=callbacks)
+        return loop.train(cfg, run_dir, resume=resume, progress=progress)
 
     def killed_in_second_run(cfg, run_dir, *, resume):
-        kill = [StopAt(12)] if len(calls) == 1 else []  # epoch 2 of run 2 (9 steps per epoch)
-        return recorded(cfg, run_dir, resume=resume, callbacks=kill)
+        kill = kill_at(12) if len(calls) == 1 else None  # epoch 2 of run 2 (9 steps per epoch)
+        return recorded(cfg, run_dir, resume=resume, progress=kill)
 
     monkeypatch.setattr(sweep_run, "train", killed_in_second_run)
     with pytest.raises(KeyboardInterrupt):
@@ -134,21 +114,24 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, monkey
     assert without_timing(resumed) == without_timing(tmp_path / "alone")  # exact resume
 
 
-def test_processes_at_once_give_the_runs_of_one_process(tmp_path):
-    config = write_config(tmp_path, threads=1)
+def test_processes_at_once_give_the_runs_of_one_process(tmp_path, small_yaml):
+    """Two processes at once; the second run fails (this test holds its directory's lock): one
+    line naming it, after the other run ends; given again, the sweep trains only that run."""
+    config = small_yaml(tmp_path)  # threads: 1 set, so the processes and the run alone agree
+    busy = tmp_path / "out" / "seed1"
+    with run_dir_lock(busy), pytest.raises(NeuroplexError) as e:
+        sweep(config, seeds="0-1", out=tmp_path / "out", jobs=2)
+    assert str(e.value).startswith(f"{busy}: in use by another neuroplex process")
+    assert "\n" not in str(e.value)
+    loop.train(sweep_run.load_config(config, ["seed=0"]), tmp_path / "alone")
+    assert without_timing(tmp_path / "out" / "seed0") == without_timing(tmp_path / "alone")
     result = sweep(config, seeds="0-1", out=tmp_path / "out", jobs=2)
-    assert [r["status"] for r in result["cells"][0]["runs"]] == ["completed", "completed"]
-    for seed in (0, 1):
-        cfg = sweep_run.load_config(config, [f"seed={seed}"])
-        loop.train(cfg, tmp_path / f"alone{seed}")
-        assert without_timing(tmp_path / "out" / f"seed{seed}") == without_timing(
-            tmp_path / f"alone{seed}"
-        )
+    assert [r["status"] for r in result["cells"][0]["runs"]] == ["completed"] * 2
 
 
-def test_an_out_dir_of_another_config_is_refused(swept, tmp_path):
+def test_an_out_dir_of_another_config_is_refused(swept, tmp_path, small_yaml):
     out, _ = swept
-    config = write_config(tmp_path, train={**TINY["train"], "epochs": 3})
+    config = small_yaml(tmp_path, {"train": {"epochs": 3}})
     with pytest.raises(NeuroplexError, match="holds a run of another config"):
         sweep(config, seeds="0-1", grid=GRID, out=out)
 
@@ -162,10 +145,17 @@ def test_an_out_dir_of_another_config_is_refused(swept, tmp_path):
         (["--jobs", "0"], "--jobs 0: expected an integer >= 1"),
     ],
 )
-def test_bad_sweep_arguments_are_one_line(tmp_path, args, fragment):
+def test_bad_sweep_arguments_are_one_line(tmp_path, args, fragment, small_yaml):
     result = CliRunner().invoke(
-        app, ["sweep", str(write_config(tmp_path)), "--out", str(tmp_path / "o"), *args]
+        app, ["sweep", str(small_yaml(tmp_path)), "--out", str(tmp_path / "o"), *args]
     )
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {fragment}") and result.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_of_a_missing_folder_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["runs", str(tmp_path / "nope")])
+    assert (
+        result.exit_code == 2 and result.stderr == f"error: {tmp_path / 'nope'}: not a directory\n"
+    )

@@ -30,17 +30,6 @@ class Recorder(Callback):
         self.ends.append(summary)
 
 
-class StopAt(Callback):
-    """Interrupts training after ``step``, as Ctrl-C would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, log) -> None:
-        if log.step == self.step:
-            raise KeyboardInterrupt
-
-
 def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
@@ -87,7 +76,7 @@ def test_a_callback_sees_every_step_epoch_and_the_end(tiny_config, tmp_path):
     assert recorder.ends == [summary]
 
 
-def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path):
+def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path, kill_at):
     """Killed in epoch 3 (checkpoint after epoch 2): the resumed session logs from the
     checkpoint's next step; TensorBoard and steps.csv show each step once, with the values of
     an uninterrupted run."""
@@ -95,7 +84,8 @@ def test_a_resumed_run_logs_each_step_once(tiny_config, tmp_path):
     per_epoch = steps_per_epoch(full)
     first = Recorder()
     with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny_config, tmp_path / "run", callbacks=[first, StopAt(2 * per_epoch + 2)])
+        kill = kill_at(2 * per_epoch + 2)
+        loop.train(tiny_config, tmp_path / "run", callbacks=[first], progress=kill)
     second = Recorder()
     loop.train(tiny_config, tmp_path / "run", resume=True, callbacks=[second])
     assert first.ends[0]["status"] == "interrupted"

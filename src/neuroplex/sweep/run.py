@@ -10,9 +10,10 @@ threads (unless the config sets ``threads``).
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import signal
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -77,25 +78,86 @@ def resumable(run: Run) -> bool:
 
 
 def execute(todo: list[tuple[Run, bool]], jobs: int, say: Callable[[str], None]) -> None:
-    """Train the runs: in this process for ``jobs == 1``, else in ``jobs`` spawned processes
-    with the cores split among them. The first error stops the sweep (after the runs under
-    way end)."""
+    """Train the runs: in this process for ``jobs == 1``, else ``jobs`` spawned processes at a
+    time with the cores split among them. After an error no new run starts; the runs under way
+    end, then the first error is raised. Interrupted (Ctrl-C, SIGTERM), every process under way
+    is stopped (its run writes an interrupted summary) before the interrupt goes on."""
     if jobs == 1 or len(todo) <= 1:
         for i, (run, resume) in enumerate(todo, 1):
             say(f"[{i}/{len(todo)}] {'resume' if resume else 'start'} {run.run_dir}")
             say(f"[{i}/{len(todo)}] {train_one(run.cfg, run.run_dir, resume, None)}")
         return
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+    Processes(jobs, say).run(todo)
+
+
+class Processes:
+    """At most ``jobs`` runs at once, one spawned process each."""
+
+    def __init__(self, jobs: int, say: Callable[[str], None]) -> None:
+        self.jobs, self.say = jobs, say
+        self.threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+        self.context = mp.get_context("spawn")
+        self.errors = self.context.SimpleQueue()  # one line per failed run
+        self.running: dict[Any, Run] = {}  # process -> its run
+
+    def run(self, todo: list[tuple[Run, bool]]) -> None:
+        pending, failures, done = list(todo), [], 0
+        try:
+            while pending or self.running:
+                while pending and not failures and len(self.running) < self.jobs:
+                    self.start(*pending.pop(0))
+                for process in self.wait_any():
+                    done += 1
+                    failures += self.finish(process, f"[{done}/{len(todo)}]")
+        except KeyboardInterrupt:
+            for process in self.running:
+                process.terminate()  # SIGTERM: the run stops as after Ctrl-C
+            for process in self.running:
+                process.join()
+            raise
+        if failures:
+            raise NeuroplexError(failures[0])
+
+    def start(self, run: Run, resume: bool) -> None:
+        args = (run.cfg, run.run_dir, resume, self.threads, self.errors)
+        process = self.context.Process(target=child, args=args)
+        process.start()
+        self.running[process] = run
+        self.say(f"{'resume' if resume else 'start'} {run.run_dir} (process {process.pid})")
+
+    def wait_any(self) -> list[Any]:
+        sentinels = {process.sentinel: process for process in self.running}
+        return [sentinels[s] for s in mp.connection.wait(list(sentinels))]
+
+    def finish(self, process: Any, count: str) -> list[str]:
+        """Reap ``process``; its failure as a one-item list (else empty)."""
+        run = self.running.pop(process)
+        process.join()
+        if process.exitcode == 0:
+            self.say(f"{count} {read_json(run.run_dir / 'summary.json')['status']} {run.run_dir}")
+            return []
+        message = self.errors.get() if not self.errors.empty() else None
+        self.say(f"{count} failed {run.run_dir}")
+        return [message or f"{run.run_dir}: its process ended with exit code {process.exitcode}"]
+
+
+def child(cfg: Config, run_dir: Path, resume: bool, threads: int, errors: Any) -> None:
+    """One run in a spawned process: Ctrl-C is left to the parent (which passes it on as
+    SIGTERM, once); a user error goes back as one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        futures = {
-            pool.submit(train_one, run.cfg, run.run_dir, resume, threads): run
-            for run, resume in todo
-        }
-        for i, future in enumerate(as_completed(futures), 1):
-            say(f"[{i}/{len(todo)}] {future.result()}: {futures[future].run_dir}")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        train_one(cfg, run_dir, resume, threads)
+    except KeyboardInterrupt:
+        raise SystemExit(143) from None
+    except (NeuroplexError, OSError) as e:
+        message = " ".join(str(e).split())
+        errors.put(message if str(run_dir) in message else f"{run_dir}: {message}")
+        raise SystemExit(2) from None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def train_one(cfg: Config, run_dir: Path, resume: bool, threads: int | None) -> str:
