@@ -484,7 +484,9 @@ def sweep(
         print(f"interrupted ({name}): give the same command again to continue", file=sys.stderr)
         raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     print((out / "sweep.md").read_text(encoding="utf-8"), end="")
-    print(f"best cell: {result['best'] or 'none (no validation accuracy)'}")
+    best = result["best"]
+    shown = "none (no validation accuracy)" if best is None else best or "the config (no --grid)"
+    print(f"best cell: {shown}")
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
 
 

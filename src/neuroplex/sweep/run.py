@@ -156,8 +156,14 @@ def child(cfg: Config, run_dir: Path, resume: bool, threads: int, errors: Any) -
         raise SystemExit(2) from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM from the sweep, raised like Ctrl-C so that the run writes its summary."""
+
+    signal_name = "SIGTERM"
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def train_one(cfg: Config, run_dir: Path, resume: bool, threads: int | None) -> str:
