@@ -99,7 +99,8 @@ class CsvLogger(Callback):
     def __init__(self, run_dir: Path, done_steps: int) -> None:
         self.run_dir = run_dir
         self.rows: list[tuple[int, int, float, float]] = []
-        kept = [r for r in read_csv(run_dir / STEPS_CSV) if int(r["step"]) <= done_steps]
+        rows = read_csv(run_dir / STEPS_CSV)
+        kept = [r for r in rows if r["step"].isdigit() and int(r["step"]) <= done_steps]
         write_csv(run_dir / STEPS_CSV, STEP_COLUMNS, kept)
         self.write_metrics()
 
