@@ -9,7 +9,9 @@ import types
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
 
+from neuroplex.cli import app
 from neuroplex.config import load_config
 from neuroplex.errors import ConfigError, NeuroplexError
 from neuroplex.files import read_jsonl
@@ -175,3 +177,14 @@ def test_callbacks_must_have_the_hooks(tiny_config, tmp_path):
         loop.train(tiny_config, tmp_path / "run", callbacks=[object()])
     with pytest.raises(NeuroplexError, match="expected a list"):
         loop.train(tiny_config, tmp_path / "run", callbacks=Recorder())
+
+
+def test_the_cli_names_the_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    args = ["train", "--set", "log.wandb=true", "--run-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        "error: config error: log.wandb = true: wandb is not installed; "
+        "pip install 'neuroplex[wandb]' (or set log.wandb: false)\n"
+    )

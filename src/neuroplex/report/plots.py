@@ -238,11 +238,12 @@ def sweep_figure(cells: list[dict[str, Any]], best: str | None, select: str) -> 
     ]
     x = np.arange(len(cells))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(cells) + 2), 4.0))
-    for offset, (key, label) in ((-0.2, (select, "validation")), (0.2, ("test_acc", "test"))):
+    for offset, (key, label) in ((-0.1, (select, "validation")), (0.1, ("test_acc", "test"))):
         means = [100 * c[key]["mean"] if c[key]["mean"] is not None else np.nan for c in cells]
         stds = [100 * c[key]["std"] if c[key]["std"] is not None else 0.0 for c in cells]
-        ax.bar(x + offset, means, width=0.4, yerr=stds, capsize=3, label=label)
+        ax.errorbar(x + offset, means, yerr=stds, fmt="o", capsize=4, label=label)
     ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlim(-0.5, len(cells) - 0.5)
     ax.set(ylabel="accuracy (%), final epoch", title="sweep: mean ± std over seeds")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
