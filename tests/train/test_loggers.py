@@ -188,3 +188,53 @@ def test_the_cli_names_the_extra_to_install(tmp_path, monkeypatch):
         "error: config error: log.wandb = true: wandb is not installed; "
         "pip install 'neuroplex[wandb]' (or set log.wandb: false)\n"
     )
+
+
+class FakeMlflow(types.ModuleType):
+    """What the MLflow logger calls, recorded."""
+
+    def __init__(self) -> None:
+        super().__init__("mlflow")
+        self.calls: list[tuple] = []
+
+    def set_experiment(self, name):
+        self.calls.append(("experiment", name))
+
+    def start_run(self, run_id, run_name):
+        self.calls.append(("start", run_id, run_name))
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id or "r1"))
+
+    def log_artifact(self, path):
+        self.calls.append(("artifact", path))
+
+    def log_metrics(self, values, step):
+        self.calls.append(("metrics", step, values))
+
+    def end_run(self, status):
+        self.calls.append(("end", status))
+
+
+def test_mlflow_gets_every_step_and_epoch_and_a_resume_continues_its_run(
+    tiny_config, tmp_path, monkeypatch
+):
+    fake = FakeMlflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    cfg = tiny_config.model_copy(
+        update={"log": tiny_config.log.model_copy(update={"mlflow": True})}
+    )
+    first = loop.train(cfg, tmp_path / "run", stop_after_epoch=2)
+    assert fake.calls[:3] == [
+        ("experiment", "neuroplex"),
+        ("start", None, "run"),
+        ("artifact", str(tmp_path / "run" / "config.yaml")),
+    ]
+    steps = [c[1] for c in fake.calls if c[0] == "metrics" and "step/loss" in c[2]]
+    assert steps == list(range(1, first["steps"] + 1))
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    epochs = [c[2] for c in fake.calls if c[0] == "metrics" and "epoch/test_acc" in c[2]]
+    assert [e["epoch/test_acc"] for e in epochs] == [r["test_acc"] for r in records]
+    assert fake.calls[-1] == ("end", "FINISHED")
+    fake.calls.clear()
+    loop.train(cfg, tmp_path / "run", resume=True)
+    assert fake.calls[1] == ("start", "r1", "run")  # the same MLflow run, no second artifact
+    assert fake.calls[2][0] == "metrics" and fake.calls[2][1] == first["steps"] + 1
