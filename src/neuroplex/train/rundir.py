@@ -44,7 +44,6 @@ from neuroplex.train.checkpoint import (
 from neuroplex.train.memory import peak_rss_bytes
 from neuroplex.train.setup import Setup
 
-
 PREPROCESSING = "preprocessing.json"  # how raw inputs become model inputs (load_model)
 
 
