@@ -428,6 +428,26 @@ def prune(
     print(f"table: {run_dir / 'prune' / 'prune.md'}")
 
 
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    checkpoint: Annotated[
+        str, typer.Option(help=f"{CHECKPOINT_HELP} | an epoch number the run kept")
+    ] = "best",
+) -> None:
+    """Write a run's model for use outside neuroplex: model.safetensors + model.json
+    (architecture, preprocessing; reload with neuroplex.load_model) and, when the model allows
+    it, model.pt2 (torch.export)."""
+    from neuroplex.train.export import describe_export, export_model
+
+    meta = export_model(run_dir, out, checkpoint)
+    epoch = meta["source"]["epoch"]
+    print(f"wrote {out / 'model.safetensors'} and {out / 'model.json'} (epoch {epoch})")
+    print(describe_export(meta))
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
