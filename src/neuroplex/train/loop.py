@@ -23,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from neuroplex.config import Config, validate_config
@@ -145,6 +146,12 @@ def run_epochs(
     except TrainingDiverged as e:
         write_summary(run_dir, s, state, status="diverged", error=str(e))
         raise
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        error = out_of_memory_error(e, s, state, run_dir)
+        write_summary(run_dir, s, state, status="out_of_memory", error=str(error))
+        raise error from e
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the CLI raises it
         why = f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}); {resume_hint(run_dir)}"
         write_summary(run_dir, s, state, status="interrupted", error=why)
@@ -153,6 +160,26 @@ def run_epochs(
         progress.close()
     status = "completed" if state.epoch >= s.total_epochs else "stopped"
     return write_summary(run_dir, s, state, status=status)
+
+
+OOM_MESSAGES = ("out of memory", "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CUDA, CPU allocator, MemoryError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return any(text in str(e).lower() for text in OOM_MESSAGES)
+
+
+def out_of_memory_error(e: BaseException, s: Setup, state: LoopState, run_dir: Path) -> ConfigError:
+    """One line naming the field most likely to fix an allocation failure during training."""
+    first = " ".join(str(e).split())[:160] or type(e).__name__
+    return ConfigError(
+        f"train.batch_size = {s.cfg.train.batch_size}: out of memory at step {state.step + 1} "
+        f"(epoch {state.epoch + 1}) on {s.device.type} ({first}); lower train.batch_size or "
+        f"the stage widths in model.stages; {kept_checkpoint(run_dir)}"
+    )
 
 
 @dataclass
