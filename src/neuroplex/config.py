@@ -670,6 +670,21 @@ def shipped_configs() -> dict[str, Path]:
     return {path.stem: path for path in sorted(root.glob("*.yaml"))}
 
 
+def shipped_config_summaries() -> dict[str, str]:
+    """Each shipped config's name and the first sentence of its leading comment."""
+    summaries = {}
+    for name, path in shipped_configs().items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        comment = []
+        for line in lines:
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        text = " ".join(comment)
+        summaries[name] = text.split(". ")[0].rstrip(".")
+    return summaries
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """``path`` itself when it is a file; else the shipped config of that name (``default`` or
     ``default.yaml``); else ``path`` (reading it then says it is not found)."""

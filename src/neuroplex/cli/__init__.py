@@ -67,7 +67,10 @@ def root(
 def train(
     config: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Argument(help="YAML config file (default: the built-in defaults)"),
+        typer.Argument(
+            help="YAML config file or shipped config name (neuroplex config list); default: "
+            "the built-in defaults"
+        ),
     ] = None,
     overrides: SetOption = None,
     run_dir: Annotated[
@@ -223,7 +226,7 @@ def print_exits(report: dict) -> None:
 def config_show(
     file: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Argument(help="YAML config (default: the built-in defaults)"),
+        typer.Argument(help="YAML config or shipped config name (default: the built-in defaults)"),
     ] = None,
     overrides: SetOption = None,
     model: Annotated[
@@ -247,6 +250,21 @@ def config_show(
             table.add_row(row["name"], row["module"], escape(str(row["out"])), f"{row['params']:,}")
         table.add_row("total", "", "", f"{net.num_parameters():,}")
         out.print(table)
+
+
+@config_app.command("list")
+@user_errors
+def config_list() -> None:
+    """List the configs shipped with neuroplex; a name works wherever a CONFIG does
+    (neuroplex train default, neuroplex config show mnist1d_mlp)."""
+    from neuroplex.config import shipped_config_summaries
+
+    table = Table(title="shipped configs (neuroplex train NAME)")
+    for column in ("name", "description"):
+        table.add_column(column)
+    for name, summary in shipped_config_summaries().items():
+        table.add_row(escape(name), escape(summary))
+    out.print(table)
 
 
 @app.command()
