@@ -38,7 +38,7 @@ def test_image_stream_is_scaled_per_channel_with_the_training_statistics():
         dtype=torch.float32,
     )
     y = torch.arange(40) % 4
-    data = dataset_from_python(splits(x, y), CFG)
+    data = dataset_from_python(splits(x, y), DataConfig(name="python", shape="image"))
     assert data.input_shape == (2, 3, 3) and data.n_classes == 4 and data.steps_per_epoch(99) == 3
     mean = x.double().mean(dim=(0, 2, 3))
     std = x.double().std(dim=(0, 2, 3), unbiased=False)
@@ -46,6 +46,10 @@ def test_image_stream_is_scaled_per_channel_with_the_training_statistics():
     expected = (x - mean.float().view(1, 2, 1, 1)) / std.float().view(1, 2, 1, 1)
     torch.testing.assert_close(inputs, expected, rtol=1e-5, atol=1e-5)
     assert len(data.test) == 40
+    flat = dataset_from_python(splits(x, y), CFG)  # data.shape: flat flattens, as in memory
+    assert flat.input_shape == (18,)
+    flat_inputs = torch.cat([xb for xb, _ in flat.test.batches()])
+    assert torch.equal(flat_inputs, inputs.reshape(40, 18))
 
 
 def test_bad_batches_are_one_line_errors():

@@ -99,6 +99,8 @@ def test_export_round_trip_gives_equal_outputs(kind, runs, tmp_path, capsys):
     layout = prep.get("image_shape", prep["input_shape"])  # raw images, or vectors
     got = exported(x.float().reshape(len(x), *layout))
     torch.testing.assert_close(got, from_run, rtol=1e-5, atol=1e-5)
+    one = exported(x[:1].float().reshape(1, *layout))  # any batch size, one included
+    torch.testing.assert_close(one, from_run[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_one_line_errors(runs, tmp_path, capsys):

@@ -84,10 +84,27 @@ def test_image_arrays_train_like_the_image_npz_file(digits, tmp_path):
     assert metrics(tmp_path / "py") == metrics(tmp_path / "file")
 
 
+def test_image_dataloaders_stream_like_the_image_npz_file(digits, tmp_path):
+    images = digits[0].reshape(-1, 8, 8).astype(np.float32)
+    path = tmp_path / "images.npz"
+    np.savez(path, x=images, y=digits[1])
+    conv = ["model.stages=[{kind: conv, channels: 4}, {kind: flatten}]", "data.shape=image"]
+    cfg = load_config(None, [*SMALL, *conv, "data.name=images", f"data.path={path}"])
+    train(cfg, tmp_path / "file")
+    summary = train(
+        load_config(None, [*SMALL, *conv]), tmp_path / "py", data=loaders(raw_splits(cfg))
+    )
+    assert summary["dataset"]["input_shape"] == [1, 8, 8]
+    for mine, theirs in zip(metrics(tmp_path / "py"), metrics(tmp_path / "file"), strict=True):
+        for key in ("train_loss", "val_loss", "test_loss", "test_acc"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6)
+
+
 def raw_splits(cfg) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The file run's own train / val / test samples, unstandardised."""
     data = load_dataset(cfg.data.model_copy(update={"standardize": False}))
-    return {k: (getattr(data, k).x, getattr(data, k).y) for k in ("train", "val", "test")}
+    splits = {k: getattr(data, k) for k in ("train", "val", "test")}
+    return {k: (split.inputs(), split.y) for k, split in splits.items()}
 
 
 def test_given_splits_train_like_the_npz_file(npz_run, tmp_path):

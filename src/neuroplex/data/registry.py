@@ -98,7 +98,7 @@ class Dataset:
     class_names: list[str]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # vectors: the per-feature mean and std [d] float64 the splits were standardised with
-    standardization: tuple[np.ndarray, np.ndarray] | None = None
+    standardization: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False)
     fingerprint: str | None = None  # sha256 of data given from Python (resume checks it)
 
     def train_batch(

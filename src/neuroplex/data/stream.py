@@ -97,7 +97,6 @@ class StreamSplit:
     n_classes: int
     prep: Preprocess
     samples: int = 0  # counted in the last full pass
-    pixels: None = None  # images are scaled by prep, not by in-memory pixels
 
     def __len__(self) -> int:
         return self.samples
@@ -208,15 +207,22 @@ def stream_dataset(loaders: dict[str, Iterable], cfg: DataConfig) -> StreamDatas
 
 
 def stream_preprocessing(scan: Scan, cfg: DataConfig) -> dict[str, Any]:
-    """The preprocessing dict of a scanned stream: vectors per feature, images per channel."""
+    """The preprocessing dict of a scanned stream, as for in-memory data: vectors scaled per
+    feature; images (and ``data.shape: image``) per channel, fed as feature maps with
+    ``data.shape: image`` and flattened with ``flat``."""
     shape = scan.sample_shape
-    image = len(shape) > 1 or cfg.shape == "image"
     classes = [str(i) for i in range(scan.n_classes)]
-    info = {"input_shape": list(shape), "mean": scan.mean.tolist(), "std": scan.std.tolist()}
-    if not image:
-        return {"kind": "vector", **info, "standardized": cfg.standardize, "classes": classes}
+    stats = {"mean": scan.mean.tolist(), "std": scan.std.tolist(), "classes": classes}
+    if len(shape) == 1 and cfg.shape == "flat":
+        return {
+            "kind": "vector",
+            "input_shape": list(shape),
+            "standardized": cfg.standardize,
+            **stats,
+        }
     image_shape = list(shape) if len(shape) > 1 else [1, *shape]
-    return {"kind": "image", **info, "image_shape": image_shape, "classes": classes}
+    input_shape = image_shape if cfg.shape == "image" else [math.prod(shape)]
+    return {"kind": "image", "input_shape": input_shape, "image_shape": image_shape, **stats}
 
 
 def scan_stream(where: str, loader: Iterable, standardize: bool, image: bool = False) -> Scan:

@@ -187,7 +187,7 @@ def write_program(model: RawInputModel, path: Path) -> dict[str, Any]:
     buffer = io.BytesIO()
     try:
         with quiet_torch_logs():
-            batch = torch.export.Dim("batch", min=2)
+            batch = torch.export.Dim("batch", min=1)
             program = torch.export.export(
                 model, (example,), dynamic_shapes=({0: batch},), strict=False
             )

@@ -89,8 +89,8 @@ def check_stream(cfg: Config, data: Dataset | StreamDataset, world: World) -> No
         return
     if world.size > 1:
         raise ConfigError(
-            f"data: DataLoaders stream in one process; this run has {world.size} ranks (give "
-            "each rank its own DistributedSampler in a future version, or pass arrays)"
+            f"data: DataLoaders stream in one process; this run has {world.size} ranks (pass "
+            "arrays or a Dataset: each rank then trains on its share of every batch)"
         )
     plasticity = cfg.train.plasticity
     if plasticity is not None and plasticity.kind == "hebbian":
