@@ -1,5 +1,6 @@
 # Two commands: `make demo` trains the default network and its dense twin, analyses both and
 # writes the report; `make test` runs the tests. Both create .venv and install everything first.
+# `make docs` builds the API reference from the docstrings (pdoc) into build/api/.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -10,7 +11,7 @@ DEMO_DIR ?= runs/demo-$(NOW)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint install results clean
+.PHONY: demo test lint docs install results clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+docs: $(STAMP)
+	$(BIN)/python scripts/build_docs.py build/api
 
 results: $(STAMP)
 	$(BIN)/python scripts/measure_results.py

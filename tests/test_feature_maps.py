@@ -101,8 +101,8 @@ def digit_images(monkeypatch):
     """Runs load scikit-learn digits as ``[n, 1, 8, 8]`` images."""
     load = setup.load_dataset
 
-    def as_images(cfg) -> Dataset:
-        data = load(cfg)
+    def as_images(cfg, source=None) -> Dataset:
+        data = load(cfg, source)
 
         def image(split: Split | None) -> Split | None:
             return None if split is None else Split(split.x.reshape(-1, 1, 8, 8), split.y)

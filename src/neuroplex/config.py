@@ -78,11 +78,12 @@ class AugmentConfig(StrictModel):
 
 class DataConfig(StrictModel):
     name: Literal[
-        "mnist1d", "mnist1d_shifted", "digits", "fashion_mnist", "idx", "images", "file"
+        "mnist1d", "mnist1d_shifted", "digits", "fashion_mnist", "idx", "images", "file", "python"
     ] = Field(
         "mnist1d",
         description="dataset; mnist1d is generated offline, digits ships with scikit-learn, "
-        "fashion_mnist/idx read IDX files from data.root, images a .npz or folder at data.path",
+        "fashion_mnist/idx read IDX files from data.root, images a .npz or folder at data.path, "
+        "python the arrays, Dataset or DataLoaders given to train(cfg, run_dir, data=...)",
     )
     path: Path | None = Field(
         None,
@@ -114,7 +115,8 @@ class DataConfig(StrictModel):
         0.2,
         gt=0,
         lt=1,
-        description="digits/images/file only: fraction held out as the test split",
+        description="digits/images/file/python only: fraction held out as the test split "
+        "(python: when no test split is given)",
     )
     standardize: bool = Field(
         True,
@@ -640,13 +642,72 @@ FEATURE_MAP_KINDS = ("conv", "residual", "pool", "flatten", "sparse_conv")
 # loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, overlaid with the YAML file (if any), then ``KEY=VALUE`` overrides; validated.
-    Raises ConfigError with a one-line message."""
-    raw = merge(Config().model_dump(mode="json"), read_yaml(path) if path is not None else {})
+ConfigSource = Union["Config", dict, str, Path, None]
+
+
+def load_config(
+    source: ConfigSource = None, overrides: list[str] | None = None, **fields: Any
+) -> Config:
+    """Defaults, overlaid with ``source``, then ``fields``, then ``KEY=VALUE`` ``overrides``;
+    validated. Raises ConfigError with a one-line message.
+
+    ``source`` is a YAML file, the name of a shipped config (``"default"``, see
+    :func:`shipped_configs`), a dict of the same form as the YAML, a ``Config``, or None (the
+    defaults). ``fields`` are top-level keys laid over it like the YAML (mappings merge key by
+    key): ``load_config("default", seed=1, train={"lr": 1e-3})``.
+    """
+    raw = merge(Config().model_dump(mode="json"), _source_dict(source))
+    raw = merge(raw, fields)
     for item in overrides or []:
         apply_override(raw, item)
     return validate_config(raw)
+
+
+def _source_dict(source: ConfigSource) -> dict[str, Any]:
+    """The mapping a config source lays over the defaults."""
+    if source is None:
+        return {}
+    if isinstance(source, Config):
+        return source.model_dump(mode="json")
+    if isinstance(source, dict):
+        return source
+    if isinstance(source, (str, Path)):
+        return read_yaml(resolve_config_path(source))
+    raise ConfigError(
+        f"config = {source!r}: expected a YAML path, a shipped config name, a dict or a Config, "
+        f"got {type(source).__name__}"
+    )
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped with the package (``neuroplex/configs/*.yaml``, the repository's
+    ``configs/`` folder), by name: ``{"default": .../default.yaml, ...}``."""
+    root = Path(__file__).resolve().parent / "configs"
+    return {path.stem: path for path in sorted(root.glob("*.yaml"))}
+
+
+def shipped_config_summaries() -> dict[str, str]:
+    """Each shipped config's name and the first sentence of its leading comment."""
+    summaries = {}
+    for name, path in shipped_configs().items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        comment = []
+        for line in lines:
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        text = " ".join(comment)
+        summaries[name] = text.split(". ")[0].rstrip(".")
+    return summaries
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file; else the shipped config of that name (``default`` or
+    ``default.yaml``); else ``path`` (reading it then says it is not found)."""
+    path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    return shipped_configs().get(path.name.removesuffix(".yaml"), path)
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -686,7 +747,9 @@ def parse_yaml(text: str) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+        shipped = ", ".join(shipped_configs())
+        hint = f", nor a shipped config ({shipped})" if path.parent == Path(".") else ""
+        raise ConfigError(f"{path}: file not found{hint}")
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

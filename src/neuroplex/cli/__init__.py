@@ -67,7 +67,10 @@ def root(
 def train(
     config: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Argument(help="YAML config file (default: the built-in defaults)"),
+        typer.Argument(
+            help="YAML config file or shipped config name (neuroplex config list); default: "
+            "the built-in defaults"
+        ),
     ] = None,
     overrides: SetOption = None,
     run_dir: Annotated[
@@ -223,7 +226,7 @@ def print_exits(report: dict) -> None:
 def config_show(
     file: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Argument(help="YAML config (default: the built-in defaults)"),
+        typer.Argument(help="YAML config or shipped config name (default: the built-in defaults)"),
     ] = None,
     overrides: SetOption = None,
     model: Annotated[
@@ -247,6 +250,21 @@ def config_show(
             table.add_row(row["name"], row["module"], escape(str(row["out"])), f"{row['params']:,}")
         table.add_row("total", "", "", f"{net.num_parameters():,}")
         out.print(table)
+
+
+@config_app.command("list")
+@user_errors
+def config_list() -> None:
+    """List the configs shipped with neuroplex; a name works wherever a CONFIG does
+    (neuroplex train default, neuroplex config show mnist1d_mlp)."""
+    from neuroplex.config import shipped_config_summaries
+
+    table = Table(title="shipped configs (neuroplex train NAME)")
+    for column in ("name", "description"):
+        table.add_column(column)
+    for name, summary in shipped_config_summaries().items():
+        table.add_row(escape(name), escape(summary))
+    out.print(table)
 
 
 @app.command()
@@ -520,6 +538,26 @@ def _say(line: str) -> None:
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    checkpoint: Annotated[
+        str, typer.Option(help=f"{CHECKPOINT_HELP} | an epoch number the run kept")
+    ] = "best",
+) -> None:
+    """Write a run's model for use outside neuroplex: model.safetensors + model.json
+    (architecture, preprocessing; reload with neuroplex.load_model) and, when the model allows
+    it, model.pt2 (torch.export)."""
+    from neuroplex.train.export import describe_export, export_model
+
+    meta = export_model(run_dir, out, checkpoint)
+    epoch = meta["source"]["epoch"]
+    print(f"wrote {out / 'model.safetensors'} and {out / 'model.json'} (epoch {epoch})")
+    print(describe_export(meta))
 
 
 def _fmt(value: float | None) -> str:

@@ -149,24 +149,38 @@ def read_images(path: Path, cache: Path) -> tuple[np.ndarray, np.ndarray, list[s
 def read_image_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images ``x`` ``[n, c, h, w]`` (uint8, or float32 when stored as floats) from arrays
     ``x`` ``[n, h, w]`` or ``[n, c, h, w]`` and ``y`` ``[n]``, labels 0..C-1, class names."""
-    x, y = read_npz(path)
+    return check_image_arrays(path, *read_npz(path))
+
+
+def check_image_arrays(
+    source: str | Path, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Validate images ``x`` ``[n, h, w]`` or ``[n, c, h, w]`` and labels ``y`` ``[n]`` (from
+    ``source``, named in errors); images ``[n, c, h, w]``, labels 0..C-1, class names."""
+    x = check_images(source, x, y)
+    labels, names = encode_labels(source, y)
+    return x, labels, names
+
+
+def check_images(source: str | Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Images ``x`` ``[n, h, w]`` or ``[n, c, h, w]`` checked against labels ``y`` ``[n]``, as
+    ``[n, c, h, w]`` uint8 or float32."""
     if x.ndim not in (3, 4):
         raise DataError(
-            f"{path}: array 'x' has shape {x.shape}, expected images [n, h, w] or [n, c, h, w]"
+            f"{source}: array 'x' has shape {x.shape}, expected images [n, h, w] or [n, c, h, w]"
         )
     if y.ndim != 1 or len(y) != len(x):
-        raise DataError(f"{path}: array 'y' has shape {y.shape}, expected [{len(x)}] labels")
+        raise DataError(f"{source}: array 'y' has shape {y.shape}, expected [{len(x)}] labels")
     if x.dtype != np.uint8 and x.dtype.kind != "f":
-        raise DataError(f"{path}: array 'x' has dtype {x.dtype}, expected uint8 or float")
+        raise DataError(f"{source}: array 'x' has dtype {x.dtype}, expected uint8 or float")
     if len(x) == 0:
-        raise DataError(f"{path}: contains no samples")
+        raise DataError(f"{source}: contains no samples")
     x = x[:, None] if x.ndim == 3 else x
     if x.dtype.kind == "f":
         x = x.astype(np.float32)
         if not np.isfinite(x).all():
-            raise DataError(f"{path}: x contains NaN or infinite values")
-    labels, names = encode_labels(path, y)
-    return x, labels, names
+            raise DataError(f"{source}: x contains NaN or infinite values")
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

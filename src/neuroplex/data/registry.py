@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from neuroplex.data.images import (
     read_images,
 )
 from neuroplex.data.pixels import Draw, Pixels, channel_stats, draw_augmentation
+from neuroplex.data.preprocess import image_preprocessing, vector_preprocessing
 from neuroplex.data.userfiles import read_data_file
 from neuroplex.errors import DataError
 
@@ -75,6 +76,13 @@ class Split:
         x = self.x if idx is None else self.x[idx]
         return x if self.pixels is None else self.pixels.inputs(x, draw)
 
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Model inputs ``[b, *input_shape]`` and labels ``[b]``, in order, ``batch_size`` at a
+        time (the interface evaluation shares with streamed splits, neuroplex.data.stream)."""
+        for start in range(0, len(self), batch_size):
+            rows = slice(start, start + batch_size)
+            yield self.inputs(rows), self.y[rows]
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -89,6 +97,9 @@ class Dataset:
     n_classes: int
     class_names: list[str]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # vectors: the per-feature mean and std [d] float64 the splits were standardised with
+    standardization: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False)
+    fingerprint: str | None = None  # sha256 of data given from Python (resume checks it)
 
     def train_batch(
         self,
@@ -117,6 +128,16 @@ class Dataset:
         """One sample's shape: ``(d,)`` for vectors, ``(c, L)`` or ``(c, h, w)`` for images."""
         return tuple(self.train.x.shape[1:])
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.train) / batch_size)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How raw samples become model inputs (neuroplex.data.preprocess), as JSON."""
+        pixels = self.train.pixels
+        if pixels is not None:
+            return image_preprocessing(self.input_shape, pixels, self.class_names)
+        return vector_preprocessing(self.input_shape, self.standardization, self.class_names)
+
 
 def cache_dir() -> Path:
     """Cache directory: ``$NEUROPLEX_CACHE``, default ``~/.cache/neuroplex``."""
@@ -124,11 +145,20 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "neuroplex"
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load, split and (optionally) standardise the dataset described by ``cfg``.
+def load_dataset(cfg: DataConfig, source: Any = None) -> Dataset:
+    """Load, split and (optionally) standardise the dataset described by ``cfg``; for
+    ``data.name: python``, the data ``source`` given from Python (neuroplex.data.python).
 
     Raises DataError (one line, naming the file) for unusable user files.
     """
+    if cfg.name == "python":
+        from neuroplex.data.python import dataset_from_python  # it builds on this module
+
+        return dataset_from_python(source, cfg)
+    if source is not None:
+        raise DataError(
+            f"data: given from Python, but data.name = {cfg.name!r}; set data.name: python"
+        )
     parts, names = _parts(cfg)
     if cfg.images:
         return _assemble_images(cfg, parts, names)
@@ -228,6 +258,15 @@ def describe_datasets() -> list[dict[str, Any]]:
             "description": "your data.path: a .npz with arrays x [samples, features] and "
             "y [samples], or a .csv with a header row, a label column (data.label_column) "
             "and numeric feature columns; labels are integers or strings, >= 2 classes",
+        },
+        {
+            "name": "python",
+            "samples": None,
+            "features": None,
+            "classes": None,
+            "description": "data given from Python: train(cfg, run_dir, data=(x, y)) with numpy "
+            "arrays or torch tensors, a torch Dataset, or {'train': ..., 'test': ...} splits of "
+            "those or of DataLoaders (streamed)",
         },
     ]
 
@@ -335,6 +374,8 @@ def _assemble(
             y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
         )
 
+    stats = (np.asarray(mean), np.asarray(std)) if standardize else None
+
     return Dataset(
         name=name,
         train=split("train"),
@@ -343,6 +384,7 @@ def _assemble(
         n_features=int(x_train.shape[1]),
         n_classes=len(class_names),
         class_names=list(class_names),
+        standardization=stats,
     )
 
 

@@ -37,7 +37,7 @@ def read_data_file(
         x_raw, y_raw = _read_csv(path, label_column)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}: expected .npz or .csv")
-    x = _check_features(path, x_raw, y_raw)
+    x = check_features(path, x_raw, y_raw)
     y, names = encode_labels(path, y_raw)
     return x, y, names
 
@@ -134,8 +134,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _check_features(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Validate shapes and values of ``x`` [n, d] against ``y`` [n]; return x as float64."""
+def check_features(path: str | Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Validate shapes and values of ``x`` [n, d] against ``y`` [n] (from ``path``, named in
+    errors); return x as float64."""
     if x.ndim != 2:
         hint = "; for images use data.name: images" if x.ndim in (3, 4) else ""
         raise DataError(
@@ -168,7 +169,7 @@ def _check_features(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return x
 
 
-def encode_labels(path: Path, y: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def encode_labels(path: str | Path, y: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Map labels ``y`` [n] (integers or strings) to 0..C-1 (sorted); return them and names."""
     if y.dtype.kind in "US":
         y = _maybe_numeric(y.astype(str))
@@ -193,7 +194,7 @@ def _maybe_numeric(labels: np.ndarray) -> np.ndarray:
         return labels
 
 
-def _integer_labels(path: Path, y: np.ndarray) -> np.ndarray:
+def _integer_labels(path: str | Path, y: np.ndarray) -> np.ndarray:
     """Numeric labels ``y`` [n] as int64; DataError for NaN/inf or non-integer values."""
     if y.dtype.kind in "biu":
         return y.astype(np.int64)

@@ -8,6 +8,7 @@ from typing import Any
 
 # Loaded on first use: neuroplex.methods imports train's checkpoint and optim modules, and
 # train.setup imports the methods, so an eager import here would be circular.
+# (No __all__ of these lazy names: the API reference, pdoc, documents them in their modules.)
 _EXPORTS = {
     "Callback": "callbacks",
     "StepLog": "callbacks",
@@ -15,7 +16,6 @@ _EXPORTS = {
     "evaluate": "evaluate",
     "train": "loop",
 }
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -126,7 +126,11 @@ def load_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Checkpoi
     index = read_index(run_dir)
     if which not in index:
         raise CheckpointError(f"{run_dir}: no '{which}' checkpoint (have: {', '.join(index)})")
-    ckpt_dir = checkpoint_root(run_dir) / index[which]
+    return read_checkpoint(checkpoint_root(run_dir) / index[which])
+
+
+def read_checkpoint(ckpt_dir: Path) -> Checkpoint:
+    """Read and verify the checkpoint directory ``ckpt_dir``; CheckpointError if anything is off."""
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: corrupted (a file where a checkpoint directory was)")
     try:

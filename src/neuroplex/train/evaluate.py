@@ -9,20 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from neuroplex.data.registry import Dataset, Split
+from neuroplex.data.stream import StreamDataset, StreamSplit
 from neuroplex.network import Network
 
 EVAL_BATCH = 1024
 
 
 @torch.no_grad()
-def evaluate(model: Network, split: Split, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+def evaluate(
+    model: Network, split: Split | StreamSplit, batch_size: int = EVAL_BATCH
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, restored after)."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        rows = slice(start, start + batch_size)
-        x, y = split.inputs(rows), split.y[rows]
+    for x, y in split.batches(batch_size):
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
@@ -31,7 +32,7 @@ def evaluate(model: Network, split: Split, batch_size: int = EVAL_BATCH) -> dict
     return {"loss": loss_sum / n, "acc": correct / n}
 
 
-def evaluate_splits(model: Network, data: Dataset) -> dict[str, float]:
+def evaluate_splits(model: Network, data: Dataset | StreamDataset) -> dict[str, float]:
     out: dict[str, float] = {}
     splits = {"val": data.val, "test": data.test}
     for name, split in splits.items():

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from neuroplex.config import Config
+from neuroplex.config import Config, validate_config
+from neuroplex.data.stream import StreamDataset, epoch_order
 from neuroplex.distributed.parallel import World, close_world, init_world
 from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import append_jsonl
@@ -54,6 +56,7 @@ def train(
     cfg: Config,
     run_dir: str | Path,
     *,
+    data: Any = None,
     resume: bool = False,
     stop_after_epoch: int | None = None,
     progress: NullProgress | None = None,
@@ -62,6 +65,13 @@ def train(
     callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); return the summary.
+
+    ``data`` trains on data given from Python instead of ``cfg.data.name`` (which becomes
+    ``python``; the split and standardisation settings of ``cfg.data`` apply): ``(x, y)`` numpy
+    arrays or torch tensors, a torch ``Dataset`` of ``(x, y)`` pairs, or a mapping
+    ``{"train": ..., "val": ..., "test": ...}`` of those or of DataLoaders (streamed); see
+    neuroplex.data.python. A resumed run needs the same data again (checked by its sha256,
+    except for DataLoaders).
 
     ``stop_after_epoch`` ends the session after that many epochs with a checkpoint, so a long run
     can be done in pieces; resuming it gives the same metrics as an uninterrupted run.
@@ -75,9 +85,16 @@ def train(
     run_dir = Path(run_dir)
     callbacks = check_callbacks(callbacks)
     check_loggers(cfg.log)
+    if data is not None:
+        cfg = python_data_config(cfg)
     if cfg.train.parallel > 1:
         from neuroplex.distributed.pipeline import train_pipeline  # it builds on this module
 
+        if data is not None:
+            raise ConfigError(
+                f"train.parallel = {cfg.train.parallel}: data given from Python trains in one "
+                "process; set train.parallel = 1"
+            )
         if prepare is not None or start_epoch:
             raise ConfigError(
                 f"train.parallel = {cfg.train.parallel}: a prepared (e.g. pruned) model trains "
@@ -93,7 +110,7 @@ def train(
     world = init_world()
     try:
         with run_dir_lock(run_dir, enabled=world.is_main):
-            s = build_setup(cfg, world, prepare)
+            s = build_setup(cfg, world, prepare, data)
             if not world.is_main:
                 progress = None  # one progress display, on rank 0
             state = restore(run_dir, s) if resume else start_run_dir(run_dir, s, start_epoch)
@@ -101,6 +118,13 @@ def train(
             return run_epochs(s, state, run_dir, stop_after_epoch, shown, callbacks=callbacks)
     finally:
         close_world(world)
+
+
+def python_data_config(cfg: Config) -> Config:
+    """``cfg`` with ``data.name: python`` (and no data path), for data given from Python."""
+    raw = cfg.model_dump(mode="json")
+    raw["data"].update(name="python", path=None, root=None)
+    return validate_config(raw)
 
 
 EpochFn = Callable[[Setup, LoopState, ActivationMeter, int, Path, NullProgress], dict[str, Any]]
@@ -127,6 +151,12 @@ def run_epochs(
     except TrainingDiverged as e:
         summary = write_summary(run_dir, s, state, status="diverged", error=str(e))
         raise
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        error = out_of_memory_error(e, s, state, run_dir)
+        summary = write_summary(run_dir, s, state, status="out_of_memory", error=str(error))
+        raise error from e
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM as the CLI raises it
         why = f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}); {resume_hint(run_dir)}"
         summary = write_summary(run_dir, s, state, status="interrupted", error=why)
@@ -166,6 +196,26 @@ def _epochs(
     return write_summary(run_dir, s, state, status=status)
 
 
+OOM_MESSAGES = ("out of memory", "not enough memory", "cannot allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CUDA, CPU allocator, MemoryError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return any(text in str(e).lower() for text in OOM_MESSAGES)
+
+
+def out_of_memory_error(e: BaseException, s: Setup, state: LoopState, run_dir: Path) -> ConfigError:
+    """One line naming the field most likely to fix an allocation failure during training."""
+    first = " ".join(str(e).split())[:160] or type(e).__name__
+    return ConfigError(
+        f"train.batch_size = {s.cfg.train.batch_size}: out of memory at step {state.step + 1} "
+        f"(epoch {state.epoch + 1}) on {s.device.type} ({first}); lower train.batch_size or "
+        f"the stage widths in model.stages; {kept_checkpoint(run_dir)}"
+    )
+
+
 @dataclass
 class EpochTotals:
     """What one process adds up over an epoch (sums over its steps)."""
@@ -191,14 +241,25 @@ def run_epoch(
     s.model.train()
     totals = EpochTotals()
     t0 = time.perf_counter()
-    for idx in epoch_batches(s, epoch, state.step):
-        batch = s.data.train_batch(idx, (s.cfg.seed, epoch, state.step), s.world.shard)
+    for batch in train_batches(s, state, epoch):
         loss = train_batch(s, state, meter, batch, totals, run_dir)
         progress.advance(state.step, loss)
     totals.seconds = time.perf_counter() - t0
     totals.activation_peak = meter.peak
     totals = reduce_totals(s.world, totals)
     return finish_epoch(s, state, epoch, totals, evaluate_splits(s.model, s.data))
+
+
+def train_batches(s: Setup, state: LoopState, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """This rank's training batches (``x [b, d]``, ``y [b]``) of ``epoch`` still to train,
+    drawn one at a time (``state.step`` advances between them): in-memory data in the order of
+    :func:`epoch_order`, streamed data in its loader's order."""
+    remaining = max(0, s.total_steps - state.step)
+    if isinstance(s.data, StreamDataset):
+        yield from islice(s.data.epoch(epoch, s.cfg.seed), remaining)
+        return
+    for idx in epoch_batches(s, epoch, state.step):
+        yield s.data.train_batch(idx, (s.cfg.seed, epoch, state.step), s.world.shard)
 
 
 def epoch_batches(s: Setup, epoch: int, done_steps: int) -> list[Tensor]:
@@ -291,12 +352,6 @@ def flat_stats(stats: dict[str, Tensor]) -> dict[str, float]:
         else:
             out.update({f"{key}.{i}": v for i, v in enumerate(values)})
     return out
-
-
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
-    """Shuffled indices for ``epoch``, a function of (seed, epoch): resume needs no state."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
 
 
 def update_best(state: LoopState, record: dict[str, Any]) -> bool:

@@ -44,6 +44,8 @@ from neuroplex.train.checkpoint import (
 from neuroplex.train.memory import peak_rss_bytes
 from neuroplex.train.setup import Setup
 
+PREPROCESSING = "preprocessing.json"  # how raw inputs become model inputs (load_model)
+
 
 @dataclass
 class LoopState:
@@ -77,6 +79,7 @@ def start_run_dir(run_dir: Path, s: Setup, start_epoch: int = 0) -> LoopState:
     if s.world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(s.cfg))
+        atomic_write_json(run_dir / PREPROCESSING, s.data.preprocessing())
     return LoopState(epoch=start_epoch, step=start_epoch * s.steps_per_epoch)
 
 
@@ -90,6 +93,7 @@ def save(run_dir: Path, s: Setup, state: LoopState, *, best: bool) -> None:
         "wirings": wiring_state(s.model),  # plasticity may have rewired the sparse layers
         "rng": {"ranks": s.world.gather(json.dumps(rng_state(s.device)))},
         "config_digest": config_digest(s.cfg),
+        "data_sha256": s.data.fingerprint,  # data given from Python (None for files)
         "versions": versions(),
     }
     if s.world.is_main:
@@ -108,6 +112,12 @@ def restore(run_dir: Path, s: Setup) -> LoopState:
         raise ConfigError(
             f"{run_dir}: the checkpoint was written with a different config than "
             f"{run_dir / 'config.yaml'}; resume with the run's own config"
+        )
+    if ckpt.state.get("data_sha256") != s.data.fingerprint:
+        raise ConfigError(
+            f"{run_dir}: the run was trained on other data than the data given now (sha256 "
+            f"{str(ckpt.state.get('data_sha256'))[:12]} vs {str(s.data.fingerprint)[:12]}); "
+            "resume with the same data"
         )
     try:
         state = load_state(s, ckpt)

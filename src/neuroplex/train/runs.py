@@ -18,12 +18,13 @@ SPLITS = ("train", "val", "test")
 
 
 def load_run(
-    run_dir: Path, which: str = "best", overrides: list[str] | None = None
+    run_dir: str | Path, which: str = "best", overrides: list[str] | None = None
 ) -> tuple[Setup, Checkpoint]:
     """Rebuild a run from its ``config.yaml`` (with ``overrides``) and load its ``best`` or
-    ``last`` checkpoint."""
+    ``last`` checkpoint. (For the model alone, on raw inputs: :func:`neuroplex.load_model`.)"""
     if which not in ("best", "last"):
         raise NeuroplexError(f"--checkpoint {which!r}: expected best or last")
+    run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise NeuroplexError(f"{run_dir}: not a run directory (no config.yaml)")

@@ -6,12 +6,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
 
 from neuroplex.config import Config
 from neuroplex.data.registry import Dataset, load_dataset
+from neuroplex.data.stream import StreamDataset
 from neuroplex.distributed.parallel import World
 from neuroplex.errors import ConfigError
 from neuroplex.methods.backprop import Backprop
@@ -30,7 +32,7 @@ class Setup:
 
     cfg: Config
     device: torch.device
-    data: Dataset
+    data: Dataset | StreamDataset
     model: Network
     method: Method
     world: World = field(default_factory=World)
@@ -45,7 +47,7 @@ class Setup:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train) / self.cfg.train.batch_size)
+        return self.data.steps_per_epoch(self.cfg.train.batch_size)
 
     @property
     def total_steps(self) -> int:
@@ -57,14 +59,19 @@ class Setup:
 
 
 def build_setup(
-    cfg: Config, world: World | None = None, prepare: Callable[[Network], None] | None = None
+    cfg: Config,
+    world: World | None = None,
+    prepare: Callable[[Network], None] | None = None,
+    data: Any = None,
 ) -> Setup:
     """Seed, then data, model and method, in a fixed order (so the same seed gives the same run).
-    ``prepare``, if given, changes the model before the method (and its optimizers) is built."""
+    ``prepare``, if given, changes the model before the method (and its optimizers) is built;
+    ``data`` is the data given from Python (``data.name: python``, neuroplex.data.python)."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, world or World())
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, data)
+    check_stream(cfg, data, world or World())
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data, device)
     if prepare is not None:
@@ -78,7 +85,24 @@ def build_setup(
     return s
 
 
-def build_model(cfg: Config, data: Dataset, device: torch.device) -> Network:
+def check_stream(cfg: Config, data: Dataset | StreamDataset, world: World) -> None:
+    """What streamed data (DataLoaders) cannot do: several ranks, Hebbian probes."""
+    if not isinstance(data, StreamDataset):
+        return
+    if world.size > 1:
+        raise ConfigError(
+            f"data: DataLoaders stream in one process; this run has {world.size} ranks (pass "
+            "arrays or a Dataset: each rank then trains on its share of every batch)"
+        )
+    plasticity = cfg.train.plasticity
+    if plasticity is not None and plasticity.kind == "hebbian":
+        raise ConfigError(
+            "train.plasticity.kind = 'hebbian': its probe batch needs in-memory training data; "
+            "pass arrays or a Dataset, or use set / rigl"
+        )
+
+
+def build_model(cfg: Config, data: Dataset | StreamDataset, device: torch.device) -> Network:
     """The network of ``cfg.model``; ConfigError if it cannot be allocated."""
     try:
         return build_network(cfg.model, data.input_shape, data.n_classes).to(device)
@@ -96,7 +120,12 @@ def check_batchnorm_batches(s: Setup) -> None:
     bs, n = s.cfg.train.batch_size, len(s.data.train)
     norms = (m for part in s.method.modules() for m in part.modules())
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in norms)
-    if batchnorm and (bs == 1 or n % bs == 1):
+    if batchnorm and isinstance(s.data, StreamDataset) and s.data.smallest_batch == 1:
+        raise ConfigError(
+            "data['train']: the DataLoader yields a batch of 1 sample, which batchnorm cannot "
+            "normalise; use drop_last=True, another batch size, or norm: layernorm"
+        )
+    if batchnorm and not isinstance(s.data, StreamDataset) and (bs == 1 or n % bs == 1):
         which = "every batch" if bs == 1 else "the last batch of each epoch"
         raise ConfigError(
             f"train.batch_size = {bs}: with {n} training samples {which} has 1 sample, which "
