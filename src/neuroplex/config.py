@@ -577,11 +577,18 @@ class Config(StrictModel):
         plasticity = self.train.plasticity
         if plasticity is None:
             return self
-        sparse = [s for s in self.model.stages if isinstance(s, SparseStageConfig)]
-        if not sparse:
+        wired = (SparseStageConfig, SparseConvStageConfig)
+        if not any(isinstance(s, wired) for s in self.model.stages):
             raise ValueError(
-                "train.plasticity: the model has no sparse stage to rewire (sparse_conv stages "
-                "are not rewired yet); add a stage with kind: sparse or set train.plasticity: null"
+                "train.plasticity: the model has no sparse stage to rewire; add a stage with "
+                "kind: sparse or sparse_conv, or set train.plasticity: null"
+            )
+        convs = [i for i, s in enumerate(self.model.stages) if isinstance(s, SparseConvStageConfig)]
+        if plasticity.kind not in BLOCK_KINDS and convs:
+            raise ValueError(
+                f"train.plasticity.kind = {plasticity.kind!r}: model.stages.{convs[0]} is a "
+                "sparse_conv stage, which rewires channel ensembles only; use kind block_set, "
+                "block_rigl or hebbian"
             )
         unit = [i for i, s in enumerate(self.model.stages) if getattr(s, "wiring", "") == "random"]
         if plasticity.kind in BLOCK_KINDS and unit:

@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
+from neuroplex.config import load_config
 from neuroplex.errors import NeuroplexError
+from neuroplex.layers.macs import count_macs
 from neuroplex.methods.customize import Customized, customize, linear_cost
 from neuroplex.train import train
 
@@ -48,5 +50,38 @@ def test_linear_cost_counts_params_and_macs():
 
 
 def test_incompatible_data_is_refused(run_dir):
-    with pytest.raises(NeuroplexError, match="features"):
+    with pytest.raises(NeuroplexError, match="network expects"):
         customize(run_dir, "mnist1d", run_dir / "out", epochs=1)
+
+
+def test_customize_a_cnn_on_images(tmp_path):
+    # a CNN on 1x8x8 digits ending in global pooling: the local expert reads the flattened
+    # pixels and the pooled channels, the gate the flattened pixels
+    stages = (
+        "[{kind: conv, channels: 4, pool: max}, {kind: sparse_conv, channels: 8, ensembles: 2}, "
+        "{kind: pool}]"
+    )
+    cfg = load_config(
+        None,
+        ["name=cnn", "data.name=digits", "data.shape=image", f"model.stages={stages}",
+         "train.epochs=1", "train.batch_size=64"],
+    )  # fmt: skip
+    train(cfg, tmp_path / "run")
+    summary = customize(tmp_path / "run", "digits", tmp_path / "out", epochs=2)
+    assert summary["global_expert_unchanged"]
+    from neuroplex.train.runs import load_run
+
+    s, _ = load_run(tmp_path / "run")
+    x = s.data.test.inputs(slice(0, 5))  # [5, 1, 8, 8]
+    assert summary["global_expert"]["macs"] == count_macs(s.model, x[:1])["total"]
+    model = Customized(s.model, 64, 10, gate_hidden=4)
+    assert model.local_expert.linear.in_features == 64 + 8  # pixels + pooled channels
+    out = model.mix(x)
+    feature_map = s.model.forward_stages(x).features[-2]  # [5, 8, 4, 4] before the pool
+    local = model.local_expert.linear(torch.cat([x.reshape(5, 64), feature_map.mean((2, 3))], 1))
+    torch.testing.assert_close(out.local_logits, local)
+    g = out.gate[:, None]
+    expected = g * torch.softmax(s.model(x), -1) + (1 - g) * torch.softmax(local, -1)
+    torch.testing.assert_close(out.log_probs.exp(), expected)
+    with pytest.raises(NeuroplexError, match="network expects"):  # vectors for an image CNN
+        customize(tmp_path / "run", "mnist1d", tmp_path / "out2", epochs=1)

@@ -1,5 +1,6 @@
-"""How each sparse layer executes: its path, why (``SparseLinear.path_reason``), and the
-plasticity events that rewired it (a block wiring rewired at unit level runs masked-dense)."""
+"""How each sparse layer executes: its path, why (``SparseLinear.path_reason``,
+``SparseConv.path_reason``), and the plasticity events that rewired it (a block wiring rewired
+at unit level runs masked-dense)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ from typing import Any
 from torch import nn
 
 from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.sparse_conv import SparseConv
 
 
 def execution_paths(model: nn.Module, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per SparseLinear of ``model`` (by module name): ``path``, ``reason``,
+    """One row per SparseLinear and SparseConv of ``model`` (by module name): ``path``, ``reason``,
     ``connections`` (weights that exist), ``stored`` (entries of the weight tensor) and
     ``rewired`` (kind, number of events, first and last step; None when never rewired), from
     ``events``, the plasticity.jsonl records up to the loaded checkpoint; and ``text``, all of
     it in one line (:func:`describe_execution`) for the CLI and the report."""
     rows = []
     for name, layer in model.named_modules():
-        if not isinstance(layer, SparseLinear):
+        if not isinstance(layer, SparseLinear | SparseConv):
             continue
         mine = [e for e in events if e["layer"] == name]
         rewired = None

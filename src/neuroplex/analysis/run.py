@@ -19,10 +19,9 @@ from neuroplex.analysis.pathnorm import path_norm
 from neuroplex.analysis.plasticity import plasticity_report, unique_events
 from neuroplex.analysis.routing import routing_analysis
 from neuroplex.analysis.similarity import check_estimator, cka_matrix, shuffled_matrix
-from neuroplex.analysis.structure import structure_report
+from neuroplex.analysis.structure import structure_report, wired_layers
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write, atomic_write_json, read_jsonl
-from neuroplex.layers.stages import SparseStage
 from neuroplex.train.checkpoint import load_checkpoint
 from neuroplex.train.rundir import PLASTICITY_LOG
 from neuroplex.train.runs import load_run
@@ -139,7 +138,7 @@ def _stage(i: int, stage, acts: np.ndarray, seed: int, arrays: dict[str, np.ndar
     report = stage_report(acts, None if designed is None else np.asarray(designed), seed=seed)
     if designed is not None:
         arrays[f"stage{i}.designed"] = np.asarray(designed)
-    if isinstance(stage, SparseStage):
+    if wired_layers(stage):
         structure = structure_report(stage, report["ensemble_corr"])
         for key in ("structure", "pairs_structure", "pairs_function"):
             arrays[f"stage{i}.{key}"] = structure.pop(key)

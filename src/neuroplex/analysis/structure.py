@@ -7,8 +7,11 @@ stage's layers) over the units of each (output ensemble, input ensemble) pair. W
 weight set to 1 on the wiring's links this is the same graph from the wiring alone. Shared
 drive is what makes two ensembles co-activate, so if function follows structure, ensemble pairs
 ranked by structural similarity rank the same by functional correlation (Spearman rho).
-Shape legend: ``n`` units (``n_in`` in, ``n_out`` out), ``g`` output ensembles, ``g_in`` input
-ensembles.
+A sparse_conv stage is read the same way over channels: a channel pair's weight is the sum of
+|w| over its kernel taps (the drive one input channel gives one output channel), so the path
+mass runs over channels as it runs over units.
+Shape legend: ``n`` units (``n_in`` in, ``n_out`` out; channels of a conv), ``g`` output
+ensembles, ``g_in`` input ensembles.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from neuroplex.layers.conv import ConvStage
+from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.sparse_conv import SparseConv
 from neuroplex.layers.stages import SparseStage
 from neuroplex.wiring import Wiring
 
@@ -64,17 +70,32 @@ def structure_function(structural: np.ndarray, functional: np.ndarray) -> dict[s
     return {"rho": rho, "p": p, "pairs": len(s)}
 
 
-def stage_wirings(stage: SparseStage) -> list[Wiring]:
+def wired_layers(stage) -> list[SparseLinear | SparseConv]:
+    """The wired layer of each block of a sparse or sparse_conv stage, in forward order; empty
+    for any other stage."""
+    if isinstance(stage, SparseStage):
+        return [block.linear for block in stage]
+    if isinstance(stage, ConvStage) and hasattr(stage, "ensemble_labels"):
+        return [block.conv for block in stage]
+    return []
+
+
+def stage_wirings(stage: SparseStage | ConvStage) -> list[Wiring]:
     """The wiring of each of the stage's layers, in forward order."""
-    return [block.linear.wiring for block in stage]
+    return [layer.wiring for layer in wired_layers(stage)]
 
 
-def stage_weights(stage: SparseStage) -> list[np.ndarray]:
-    """Each layer's effective (masked) weight, float64 ``[n_out, n_in]``."""
-    return [block.linear.dense_weight().detach().double().cpu().numpy() for block in stage]
+def stage_weights(stage: SparseStage | ConvStage) -> list[np.ndarray]:
+    """Each layer's effective (masked) weight, float64 ``[n_out, n_in]`` (a conv's summed
+    |w| over its taps)."""
+    weights = []
+    for layer in wired_layers(stage):
+        w = layer.dense_weight().detach().double().cpu()
+        weights.append((w.abs().flatten(2).sum(2) if w.dim() > 2 else w).numpy())
+    return weights
 
 
-def stage_structure(stage: SparseStage) -> dict[str, Any]:
+def stage_structure(stage: SparseStage | ConvStage) -> dict[str, Any]:
     """Structural graphs of a sparse stage, from its trained weights and from its wiring alone.
 
     Returns ``weights`` and ``wiring`` (each ``[g, g]``, :func:`shared_input`), and per layer
@@ -118,9 +139,9 @@ def layer_links(wiring: Wiring, links: np.ndarray) -> dict[str, Any]:
     }
 
 
-def structure_report(stage: SparseStage, ensemble_corr: np.ndarray) -> dict[str, Any]:
-    """Structure vs function for one sparse stage, ``ensemble_corr [g, g]`` its functional
-    ensemble graph. Scalars under ``from_weights`` / ``from_wiring``; arrays under
+def structure_report(stage: SparseStage | ConvStage, ensemble_corr: np.ndarray) -> dict[str, Any]:
+    """Structure vs function for one sparse or sparse_conv stage, ``ensemble_corr [g, g]`` its
+    functional ensemble graph. Scalars under ``from_weights`` / ``from_wiring``; arrays under
     ``structure`` ``[g, g]``, ``pairs_structure`` and ``pairs_function`` ``[g(g-1)/2]``, and
     ``layers`` (see :func:`stage_structure`); per layer :func:`layer_links` under
     ``layer_links``."""

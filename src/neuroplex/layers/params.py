@@ -13,11 +13,12 @@ from torch import nn
 
 from neuroplex.layers.moe import MoE
 from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.sparse_conv import SparseConv
 
 
 def masked_out(module: nn.Module) -> int:
     """Entries of ``module``'s own parameters (not its children's) that a mask holds at zero."""
-    if isinstance(module, SparseLinear):
+    if isinstance(module, SparseLinear | SparseConv):
         return module.weight.numel() - module.num_connections()
     if isinstance(module, MoE) and module.expert_density is not None:
         return module.n_experts * int((module.mask1 == 0).sum() + (module.mask2 == 0).sum())

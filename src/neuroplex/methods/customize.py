@@ -7,7 +7,15 @@ mixes the two are trained on the user's data. The prediction is
 original training data (as many samples as the user's), so it learns to keep original inputs
 with the global expert; the local expert trains on the user's data only.
 
-Shape legend: ``b`` batch, ``d`` features, ``c`` classes.
+On images (a CNN as the global expert) the local expert and the gate read the input flattened
+to its ``d = c·h·w`` pixels (and the local expert the CNN's last stage, a flatten or pool stage,
+as on vectors): they stay the paper's small linear / one-hidden-layer models, so their cost
+stays a small fraction of the global expert's (a conv local expert would be a second network
+to design and tune). The global expert's cost counts its convolutions
+(:func:`~neuroplex.layers.macs.count_macs`).
+
+Shape legend: ``b`` batch, ``d`` features (pixels of an image), ``f`` last-stage features,
+``c`` classes, ``*s`` one sample's shape.
 """
 
 from __future__ import annotations
@@ -24,32 +32,35 @@ from neuroplex.config import DataConfig
 from neuroplex.data.registry import MNIST1D_VARIANTS, Dataset, Split, load_dataset
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write, atomic_write_json
+from neuroplex.layers.macs import count_macs
 from neuroplex.network import Network
 from neuroplex.train.evaluate import evaluate
 from neuroplex.train.runs import load_run
 
 
 class LocalExpert(nn.Module):
-    """A linear classifier on the input and the global expert's last-stage features (reusing
-    what the global expert computes anyway): ``[b, d], [b, f] -> [b, c]``."""
+    """A linear classifier on the (flattened) input and the global expert's last-stage features
+    (reusing what the global expert computes anyway): ``[b, *s] (d values), [b, f] -> [b, c]``."""
 
     def __init__(self, d: int, f: int, c: int) -> None:
         super().__init__()
         self.linear = nn.Linear(d + f, c)
 
     def forward(self, x: Tensor, features: Tensor) -> Tensor:
-        return self.linear(torch.cat([x, features], dim=-1))
+        return self.linear(torch.cat([x.flatten(1), features], dim=-1))
 
 
 class Customized(nn.Module):
-    """Frozen global expert + local expert, mixed by a gate. ``[b, d] -> [b, c]`` log-probs."""
+    """Frozen global expert + local expert, mixed by a gate. ``[b, *s] -> [b, c]`` log-probs
+    (``d`` values per sample)."""
 
     def __init__(self, global_expert: Network, d: int, c: int, gate_hidden: int):
         super().__init__()
         self.global_expert = global_expert.requires_grad_(False).eval()
-        f = global_expert.stages[-1].d_out
-        self.local_expert = LocalExpert(d, f, c)
-        self.gate = nn.Sequential(nn.Linear(d, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, 1))
+        self.local_expert = LocalExpert(d, global_expert.stages[-1].d_out, c)
+        self.gate = nn.Sequential(
+            nn.Flatten(), nn.Linear(d, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, 1)
+        )
 
     def train(self, mode: bool = True) -> Customized:
         super().train(mode)
@@ -84,11 +95,14 @@ def linear_cost(module: nn.Module) -> dict[str, int]:
     }
 
 
-def data_config(spec: str) -> DataConfig:
-    """A built-in dataset name, or a path to a .npz/.csv file."""
-    if spec in MNIST1D_VARIANTS or spec == "digits":
-        return DataConfig(name=spec)
-    return DataConfig(name="file", path=Path(spec))
+def data_config(spec: str, like: DataConfig | None = None) -> DataConfig:
+    """A built-in dataset name, or a path: a .npz/.csv file of vectors, or, when the run
+    (``like``) trained on images, an image .npz or folder. Built-ins take the run's shape."""
+    image = like is not None and like.images and like.shape == "image"
+    shape = "image" if image else "flat"
+    if spec in MNIST1D_VARIANTS or spec in ("digits", "fashion_mnist"):
+        return DataConfig(name=spec, shape=shape)
+    return DataConfig(name="images" if image else "file", path=Path(spec), shape=shape)
 
 
 def train_customized(
@@ -130,7 +144,7 @@ def customize(
     """Customise the run's best checkpoint to ``data``; write weights and summary to ``out``."""
     run_dir, out = Path(run_dir), Path(out)
     s, _ = load_run(run_dir, "best")
-    user = load_dataset(data_config(data))
+    user = load_dataset(data_config(data, s.cfg.data))
     _check_compatible(s.data, user, data)
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     torch.manual_seed(seed)
@@ -142,7 +156,10 @@ def customize(
     }
     train_customized(model, user.train, replay, epochs=epochs, lr=lr, seed=seed)
     unchanged = all(torch.equal(before[k], v) for k, v in s.model.state_dict().items())
-    global_cost = linear_cost(s.model)
+    global_cost = {
+        "params": linear_cost(s.model)["params"],
+        "macs": count_macs(s.model, s.data.test.inputs(slice(0, 1)))["total"],
+    }
     added = linear_cost(nn.ModuleList([model.local_expert, model.gate]))
     summary = {
         "run_dir": str(run_dir),
@@ -168,10 +185,10 @@ def customize(
 
 
 def _check_compatible(original: Dataset, user: Dataset, spec: str) -> None:
-    if (user.n_features, user.n_classes) != (original.n_features, original.n_classes):
+    if (user.input_shape, user.n_classes) != (original.input_shape, original.n_classes):
         raise NeuroplexError(
-            f"--data {spec}: {user.n_features} features and {user.n_classes} classes, but the "
-            f"network expects {original.n_features} features and {original.n_classes} classes"
+            f"--data {spec}: samples of shape {user.input_shape} in {user.n_classes} classes, "
+            f"but the network expects {original.input_shape} in {original.n_classes} classes"
         )
 
 

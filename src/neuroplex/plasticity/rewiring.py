@@ -1,8 +1,14 @@
 """Rewiring arithmetic: which connections to prune and regrow, and applying a new wiring to a
-SparseLinear together with its optimizer state. The schedule and the events live in
-neuroplex.plasticity.schedule; this file decides and applies one swap.
+SparseLinear or a SparseConv together with its optimizer state. The schedule and the events
+live in neuroplex.plasticity.schedule; this file decides and applies one swap.
 
-Shape legend: ``n_out`` / ``n_in`` units, ``g_out`` / ``g_in`` ensembles, ``p`` probe samples.
+A SparseConv's units are its channels: its dense weight ``[n_out, n_in, *k]`` carries the
+kernel taps after the channel pair, block scores take the RMS over a block's taps too, and
+activations ``[p, c, *s]`` are averaged over positions to one value per channel (as the
+analysis pools feature maps).
+
+Shape legend: ``n_out`` / ``n_in`` units (channels), ``g_out`` / ``g_in`` ensembles, ``p``
+probe samples, ``k`` kernel taps, ``*s`` positions.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from torch import Tensor, nn
 
 from neuroplex.errors import CheckpointError
 from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.sparse_conv import SparseConv
 from neuroplex.wiring import Wiring, WiringError
 
 Pair = tuple[int, int]  # (input ensemble, output ensemble)
+SparseLayer = SparseLinear | SparseConv
 
 
 # ---- choosing ------------------------------------------------------------------------------
@@ -93,16 +101,21 @@ def block_swap(
 
 
 def block_rms(dense: Tensor, wiring: Wiring) -> np.ndarray:
-    """Root-mean-square of each ``[out ensemble, in ensemble]`` block of ``dense [n_out, n_in]``:
-    ``[g_out, g_in]`` (RMS, not the norm, so blocks of different sizes compare fairly)."""
-    return np.sqrt(_block_means(dense.detach().double().square().cpu().numpy(), wiring))
+    """Root-mean-square of each ``[out ensemble, in ensemble]`` block of ``dense [n_out, n_in]``
+    (or ``[n_out, n_in, *k]``: over the block's taps too): ``[g_out, g_in]`` (RMS, not the
+    norm, so blocks of different sizes compare fairly)."""
+    square = dense.detach().double().square()
+    if square.dim() > 2:  # a conv: mean over the taps of each channel pair
+        square = square.flatten(2).mean(2)
+    return np.sqrt(_block_means(square.cpu().numpy(), wiring))
 
 
 def ensemble_coactivation(x: Tensor, y: Tensor, wiring: Wiring) -> np.ndarray:
     """Mean |Pearson correlation| over the unit pairs of every (output ensemble, input
     ensemble) block, between input activations ``x [p, n_in]`` and output activations
-    ``y [p, n_out]`` on a probe: ``[g_out, g_in]``. A constant unit correlates with nothing."""
-    xz, yz = _standardized(x), _standardized(y)
+    ``y [p, n_out]`` on a probe (feature maps ``[p, c, *s]`` averaged over positions first):
+    ``[g_out, g_in]``. A constant unit correlates with nothing."""
+    xz, yz = _standardized(_pooled(x)), _standardized(_pooled(y))
     return _block_means(np.abs(yz.T @ xz) / len(xz), wiring)  # |corr| [n_out, n_in] -> blocks
 
 
@@ -111,6 +124,11 @@ def _block_means(a: np.ndarray, wiring: Wiring) -> np.ndarray:
     rows = np.add.reduceat(a, wiring.out_offsets[:-1], 0)
     sums = np.add.reduceat(rows, wiring.in_offsets[:-1], 1)
     return sums / np.outer(wiring.out_sizes, wiring.in_sizes)
+
+
+def _pooled(t: Tensor) -> Tensor:
+    """``[p, c, *s] -> [p, c]`` (mean over positions); ``[p, n]`` unchanged."""
+    return t.flatten(2).mean(2) if t.dim() > 2 else t
 
 
 def _standardized(t: Tensor) -> np.ndarray:
@@ -129,7 +147,7 @@ def pairs_wiring(wiring: Wiring, pruned: list[Pair], grown: list[Pair]) -> Wirin
 
 # ---- applying ------------------------------------------------------------------------------
 @torch.no_grad()
-def apply_wiring(layer: SparseLinear, wiring: Wiring, optimizer: torch.optim.Optimizer) -> None:
+def apply_wiring(layer: SparseLayer, wiring: Wiring, optimizer: torch.optim.Optimizer) -> None:
     """Rewire ``layer`` to ``wiring``: surviving connections keep their weight and optimizer
     moments, new ones start at zero weight with zeroed moments (every state tensor shaped like
     the weight: AdamW ``exp_avg`` / ``exp_avg_sq``, SGD ``momentum_buffer``)."""
@@ -140,7 +158,8 @@ def apply_wiring(layer: SparseLinear, wiring: Wiring, optimizer: torch.optim.Opt
     layer.set_wiring(wiring)
     kept = old & torch.as_tensor(wiring.to_mask(), device=old.device)
     for k, full in moments.items():
-        state[k] = layer.from_dense(full * kept)
+        taps = [1] * (full.dim() - 2)  # a conv's kernel dims
+        state[k] = layer.from_dense(full * kept.view(*kept.shape, *taps))
 
 
 def owner(weight: Tensor, optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
@@ -152,18 +171,18 @@ def owner(weight: Tensor, optimizers: list[torch.optim.Optimizer]) -> torch.opti
 
 
 # ---- the model's wirings in a checkpoint ---------------------------------------------------
-def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    """Every SparseLinear of ``model`` by its module name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:
+    """Every SparseLinear and SparseConv of ``model`` by its module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
 
 
 def wiring_state(model: nn.Module) -> dict[str, Any]:
-    """JSON-able wiring of every SparseLinear (a checkpoint needs it when rewiring changed it)."""
+    """JSON-able wiring of every sparse layer (a checkpoint needs it when rewiring changed it)."""
     return {name: json.loads(m.wiring.to_json()) for name, m in sparse_layers(model).items()}
 
 
 def restore_wirings(model: nn.Module, state: dict[str, Any]) -> None:
-    """Rewire ``model``'s SparseLinear layers to the wirings of :func:`wiring_state`, so a freshly
+    """Rewire ``model``'s sparse layers to the wirings of :func:`wiring_state`, so a freshly
     built model takes a rewired checkpoint's shapes and buffers."""
     layers = sparse_layers(model)
     for name, data in state.items():

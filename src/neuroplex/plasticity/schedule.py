@@ -1,7 +1,7 @@
 """Plasticity: rewiring the sparse layers during training, as a callback of the one loop.
 
-Every ``every`` steps (until ``end_step``), each SparseLinear drops a fraction ζ of its
-connections and grows as many; ζ starts at ``fraction`` and is cosine-annealed to 0 at
+Every ``every`` steps (until ``end_step``), each SparseLinear and SparseConv drops a fraction ζ
+of its connections and grows as many; ζ starts at ``fraction`` and is cosine-annealed to 0 at
 ``end_step`` (RigL's schedule). Kinds (``train.plasticity.kind``):
 
 - ``set`` (SET): drop ζ of the positive and ζ of the negative weights, each sign's closest to
@@ -38,6 +38,11 @@ record counts the connections it removed (``pruned``), added (``grown``) and dro
 straight back (``regrown``); ``pruned_pairs`` / ``grown_pairs`` list the ensemble pairs that
 changed.
 
+On a SparseConv (channel ensembles) the ensemble-level kinds run unchanged on channels: a
+block's weight and dense-gradient RMS span its taps, ``hebbian`` correlates spatially averaged
+channel activations, and an event's counts are channel pairs (each carries ``k ** n`` weights).
+The unit-level kinds are for SparseLinear only (the config says so).
+
 Randomness comes from (seed, step, layer), so a resumed run rewires exactly like an
 uninterrupted one without saved generator state. Events are appended to ``plasticity.jsonl``
 in the run directory (rank 0): step, layer, kind, pruned / grown connections, density and
@@ -59,9 +64,12 @@ from neuroplex.data.registry import Split
 from neuroplex.distributed.parallel import World
 from neuroplex.errors import ConfigError
 from neuroplex.files import append_jsonl
+from neuroplex.layers.conv import ConvBlock
 from neuroplex.layers.sparse import SparseLinear
+from neuroplex.layers.sparse_conv import SparseConv
 from neuroplex.layers.stages import SparseBlock
 from neuroplex.plasticity.rewiring import (
+    SparseLayer,
     apply_wiring,
     block_rms,
     block_swap,
@@ -86,10 +94,11 @@ class NullPlasticity:
 
 
 class GradientCapture:
-    """Keeps each layer's input ``[b, n_in]`` and output gradient ``[b, n_out]`` from the last
-    training step (forward hooks), so the dense weight gradient needs no extra pass."""
+    """Keeps each layer's input ``[b, n_in]`` (a conv's ``[b, c_in, *s]``) and output gradient
+    from the last training step (forward hooks), so the dense weight gradient needs no extra
+    pass."""
 
-    def __init__(self, layers: dict[str, SparseLinear]) -> None:
+    def __init__(self, layers: dict[str, SparseLayer]) -> None:
         self.inputs: dict[str, Tensor] = {}
         self.grads: dict[str, Tensor] = {}
         for name, layer in layers.items():
@@ -101,19 +110,23 @@ class GradientCapture:
         self.inputs[name] = args[0].detach()
         out.register_hook(lambda grad: self.grads.__setitem__(name, grad.detach()))
 
-    def dense_grad(self, name: str, layer: SparseLinear) -> Tensor:
-        """dL/dW of the full ``[n_out, n_in]`` weight, connected or not."""
+    def dense_grad(self, name: str, layer: SparseLayer) -> Tensor:
+        """dL/dW of the full ``[n_out, n_in]`` (a conv's ``[n_out, n_in, *k]``) weight,
+        connected or not."""
+        if isinstance(layer, SparseConv):
+            return layer.weight_grad(self.inputs[name], self.grads[name])
         x = self.inputs[name].reshape(-1, layer.in_features)
         return self.grads[name].reshape(-1, layer.out_features).t() @ x
 
 
 class Plasticity:
-    """Rewires ``model``'s SparseLinear layers every ``cfg.every`` steps (module docstring).
+    """Rewires ``model``'s SparseLinear and SparseConv layers every ``cfg.every`` steps (module
+    docstring).
 
     Args:
         cfg: the plasticity section.
         seed: the run's seed.
-        model: the network (its SparseLinear layers are rewired).
+        model: the network (its sparse layers are rewired).
         optimizers: every optimizer of the method; each layer's owner gets its moments reset.
         probe: the training split (hebbian draws its probe batches from it).
         total_steps: the run's length (``end_step`` when the config leaves it null).
@@ -162,7 +175,7 @@ class Plasticity:
         return events
 
     def _rewire(
-        self, name: str, layer: SparseLinear, zeta: float, gen: torch.Generator, acts
+        self, name: str, layer: SparseLayer, zeta: float, gen: torch.Generator, acts
     ) -> dict[str, Any] | None:
         """One layer's swap; the event record, or None when the event dropped nothing."""
         before = layer.wiring
@@ -196,7 +209,7 @@ class Plasticity:
         wiring = Wiring(w.in_sizes, w.out_sizes, unit_mask=new.numpy())
         return wiring, {"pruned": pruned, "grown": added, "regrown": len(dropped) - pruned}
 
-    def _block_wiring(self, name, layer: SparseLinear, zeta: float, gen: torch.Generator, acts):
+    def _block_wiring(self, name, layer: SparseLayer, zeta: float, gen: torch.Generator, acts):
         w = layer.wiring
         n = math.ceil(zeta * len(w.block_pairs))
         shape = (len(w.out_sizes), len(w.in_sizes))
@@ -223,7 +236,8 @@ class Plasticity:
 
     @torch.no_grad()
     def _probe(self, step: int) -> dict[str, tuple[Tensor, Tensor]]:
-        """Pre- and post-synaptic activations ``([p, n_in], [p, n_out])`` of every layer on
+        """Pre- and post-synaptic activations ``([p, n_in], [p, n_out])`` (a conv's
+        ``[p, c, *s]``) of every layer on
         ``probe_size`` training samples drawn by (seed, step), in eval mode (no dropout, no
         random state used): the layer's input, and the output of :attr:`post`'s module."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -257,14 +271,16 @@ def _units(wiring: Wiring, pairs: list[tuple[int, int]]) -> int:
 
 
 def post_synaptic(
-    model: nn.Module, layers: dict[str, SparseLinear], signal: str
+    model: nn.Module, layers: dict[str, SparseLayer], signal: str
 ) -> dict[str, nn.Module]:
     """The module whose output hebbian correlates with each layer's input: with ``signal``
-    ``activation``, the activation of the SparseBlock holding the layer (after its norm; a
-    layer outside a SparseBlock falls back to its own output); with ``linear``, the layer."""
+    ``activation``, the activation of the SparseBlock (ConvBlock) holding the layer (after its
+    norm, before a ConvBlock's pool; a layer outside a block falls back to its own output);
+    with ``linear``, the layer."""
     if signal == "linear":
         return dict(layers)
     acts = {id(m.linear): m.act for m in model.modules() if isinstance(m, SparseBlock)}
+    acts |= {id(m.conv): m.act for m in model.modules() if isinstance(m, ConvBlock)}
     return {name: acts.get(id(layer), layer) for name, layer in layers.items()}
 
 

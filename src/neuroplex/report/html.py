@@ -147,7 +147,8 @@ def wiring_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> s
             links.append(arrays[f"stage{i}.layer{len(links)}.links"])
             mass.append(arrays[f"stage{i}.layer{len(mass)}.mass"])
         if links:
-            fig = plots.wiring_drawing(links, mass, f"stage {i} (sparse): ensemble wiring")
+            unit = "channel ensemble" if st["kind"] == "sparse_conv" else "ensemble"
+            fig = plots.wiring_drawing(links, mass, f"stage {i} ({st['kind']}): {unit} wiring")
             figs.append(figure(fig, captions.wiring(st["structure"]["layer_links"])))
     if not figs:
         return ""
@@ -155,8 +156,9 @@ def wiring_section(analysis: dict[str, Any], arrays: dict[str, np.ndarray]) -> s
     return section(
         "Wiring",
         f'<div class="figs">{"".join(figs)}</div><p>Execution paths: {html.escape(paths)}</p>',
-        "Ensembles of each sparse stage (dots) and the blocks that connect them, layer by "
-        "layer: line opacity = fraction of the block's links present, width = mean |weight|.",
+        "Ensembles of each sparse stage (dots; channel ensembles of a sparse_conv stage) and the "
+        "blocks that connect them, layer by layer: line opacity = fraction of the block's links "
+        "present, width = mean |weight| (a conv's summed over its kernel taps).",
     )
 
 

@@ -30,6 +30,7 @@ from neuroplex.files import (
     json_line,
     read_jsonl,
 )
+from neuroplex.layers.macs import count_macs
 from neuroplex.plasticity.rewiring import restore_wirings, wiring_state
 from neuroplex.plasticity.schedule import LOG as PLASTICITY_LOG
 from neuroplex.train.checkpoint import (
@@ -237,6 +238,7 @@ def write_summary(
         "steps": state.step,
         "params": s.model.num_parameters(),
         "active_params": s.model.num_active_parameters(),
+        "macs": count_macs(s.model, data.train.inputs(slice(0, 1))),
         "min_expert_load": min_expert_load(final),
         "activation_bytes_peak": state.activation_peak,
         "peak_rss_bytes": peak_rss_bytes(),
