@@ -76,8 +76,7 @@ def train(
                 f"train.parallel = {cfg.train.parallel}: a prepared (e.g. pruned) model trains "
                 "in one process; set train.parallel = 1"
             )
-        with run_dir_lock(run_dir):
-            return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)
+        return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)  # it locks
     world = init_world()
     try:
         with run_dir_lock(run_dir, enabled=world.is_main):
