@@ -7,7 +7,9 @@ Run directory written (by rank 0) through neuroplex.train.rundir::
     plasticity.jsonl one JSON line per rewiring event (neuroplex.plasticity.schedule), if enabled
     checkpoints/     see neuroplex.train.checkpoint
     rewind/          epoch-EEEE.safetensors: model weights after the epochs in train.save_epochs
-    summary.json     final figures, written when the run ends (or stops, diverges, is interrupted)
+    summary.json     final figures, written when the run ends (or stops, diverges, is interrupted,
+                     or a pipeline worker is lost)
+    pipeline.json    train.parallel > 1: the stage groups and their measured shares
     .lock            held by the one process writing the run (neuroplex.train.runlock)
 
 Shape legend: ``b`` batch, ``d`` features.
