@@ -17,8 +17,9 @@ from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedExc
 
 from neuroplex.config import load_config, to_yaml
 from neuroplex.distributed.balance import PLAN
+from neuroplex.distributed.failures import worker_failure
 from neuroplex.distributed.parallel import PipelineError
-from neuroplex.distributed.pipeline import CRASH_AT, EXIT_AT, worker_failure
+from neuroplex.distributed.pipeline import CRASH_AT, EXIT_AT
 from neuroplex.errors import ConfigError, TrainingDiverged
 from neuroplex.files import read_jsonl
 from neuroplex.train.checkpoint import checkpoint_root, load_checkpoint

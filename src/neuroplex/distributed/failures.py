@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
+
 from neuroplex.config import Config
 from neuroplex.distributed.parallel import PipelineError, PipelineWorld
 from neuroplex.errors import CheckpointError, NeuroplexError, TrainingDiverged
@@ -39,6 +41,28 @@ def with_resume_hint(message: str, run_dir: Path) -> str:
     if not (checkpoint_root(run_dir) / INDEX).is_file():
         return message
     return f"{message}; {kept_checkpoint(run_dir)}: {resume_command(run_dir)}"
+
+
+def worker_failure(e: ProcessException, errors: Any, run_dir: Path) -> NeuroplexError:
+    """The error to report when a worker ended the run: the root cause a worker reported (a lost
+    peer is only a consequence), else what happened to the first rank that failed (``--debug``
+    shows its traceback)."""
+    reported: dict[int, NeuroplexError] = {}
+    while not errors.empty():
+        rank, error = errors.get()
+        reported.setdefault(rank, error)
+    causes = [err for err in reported.values() if not isinstance(err, PipelineError)]
+    if causes:
+        return causes[0]
+    if e.error_index in reported:
+        return reported[e.error_index]  # the hint is in it already
+    if isinstance(e, ProcessRaisedException):
+        last = e.msg.strip().splitlines()[-1] if e.msg.strip() else "unknown error"
+        what = f"pipeline rank {e.error_index} failed: {last}"
+    else:
+        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
+        what = f"pipeline rank {e.error_index} died ({how})"
+    return PipelineError(with_resume_hint(what, run_dir))
 
 
 def checkpointed_state(run_dir: Path) -> LoopState:

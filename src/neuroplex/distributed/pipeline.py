@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
+from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
 
 from neuroplex import files
@@ -61,6 +61,7 @@ from neuroplex.distributed.failures import (
     summary_after_spawn_failure,
     under_torchrun,
     with_resume_hint,
+    worker_failure,
 )
 from neuroplex.distributed.parallel import (
     Pipe,
@@ -192,28 +193,6 @@ def quiet_spawn() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def worker_failure(e: ProcessException, errors: Any, run_dir: Path) -> NeuroplexError:
-    """The error to report when a worker ended the run: the root cause a worker reported (a lost
-    peer is only a consequence), else what happened to the first rank that failed (``--debug``
-    shows its traceback)."""
-    reported: dict[int, NeuroplexError] = {}
-    while not errors.empty():
-        rank, error = errors.get()
-        reported.setdefault(rank, error)
-    causes = [err for err in reported.values() if not isinstance(err, PipelineError)]
-    if causes:
-        return causes[0]
-    if e.error_index in reported:
-        return reported[e.error_index]  # the hint is in it already
-    if isinstance(e, ProcessRaisedException):
-        last = e.msg.strip().splitlines()[-1] if e.msg.strip() else "unknown error"
-        what = f"pipeline rank {e.error_index} failed: {last}"
-    else:
-        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
-        what = f"pipeline rank {e.error_index} died ({how})"
-    return PipelineError(with_resume_hint(what, run_dir))
 
 
 def _worker(rank: int, job: Job, errors: Any) -> None:
