@@ -102,5 +102,6 @@ def test_the_params_rule_counts_stage_and_aux_net_parameters(tiny):
     ]
     assert stage_params(s.method) == expected
     plan = make_plan(s, 2, 1)
-    assert plan.balance == "params" and plan.stage_cost == [float(c) for c in expected]
+    assert plan.balance == "params" and plan.stage_params == expected
     assert plan.ranges == split_stages(expected, 2)
+    assert len(plan.stage_seconds) == 4  # measured either way: the shares are of time

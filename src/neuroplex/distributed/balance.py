@@ -1,10 +1,10 @@
 """How the pipeline's stages are split into groups (``train.pipeline.balance``).
 
-``time`` (default): before the first step, each stage with its aux net (the head for the last
-stage) trains a few batches on a copy of itself; the stages are then split into contiguous groups
-that minimise the slowest group's time (a small dynamic program, :func:`split_stages`). ``params``:
-the same split with the trainable parameter count as the cost (the rule before measuring, and a
-fallback where timing is not wanted).
+Before the first step, each stage with its aux net (the head for the last stage) trains a few
+batches on a copy of itself. ``time`` (default): the stages are split into contiguous groups that
+minimise the slowest group's measured time (a small dynamic program, :func:`split_stages`).
+``params``: the same split with the trainable parameter count as the cost (the rule before
+measuring, kept as a fallback and for comparison).
 
 The split is written to ``RUN_DIR/pipeline.json`` with the measured shares, and a resumed run
 reads it back: it is part of the run's state. (The parameters do not depend on the split — each
@@ -41,9 +41,9 @@ class Plan:
     """The stage groups of a pipeline run and what they were chosen from."""
 
     groups: list[list[int]]  # [first, last] stage of each group
-    balance: str  # "time" or "params"
-    stage_cost: list[float]  # per stage: seconds per batch (time) or trainable parameters
-    stage_params: list[int]
+    balance: str  # what the split balanced: "time" or "params"
+    stage_seconds: list[float]  # per stage: measured seconds per training step (either rule)
+    stage_params: list[int]  # per stage: trainable parameters
     replicas: int  # data-parallel replicas of each group
 
     @property
@@ -52,9 +52,9 @@ class Plan:
 
     @property
     def shares(self) -> list[float]:
-        """Each group's share of the total cost."""
-        total = sum(self.stage_cost) or 1.0
-        return [sum(self.stage_cost[i] for i in r) / total for r in self.ranges]
+        """Each group's share of the measured time."""
+        total = sum(self.stage_seconds) or 1.0
+        return [sum(self.stage_seconds[i] for i in r) / total for r in self.ranges]
 
     @property
     def ceiling(self) -> float:
@@ -123,15 +123,16 @@ def split_stages(costs: list[float], n: int) -> list[range]:
 
 
 def make_plan(s: Setup, groups: int, replicas: int) -> Plan:
-    """Measure (or count) the stage costs of ``s`` and split them into ``groups``."""
+    """Measure and count the stage costs of ``s`` and split them into ``groups`` by the rule
+    ``train.pipeline.balance`` names (the time is measured either way: the shares and the
+    ceiling are always of the measured time)."""
     params = stage_params(s.method)  # type: ignore[arg-type]
     pipeline = s.cfg.train.pipeline
-    if pipeline.balance == "time":
-        costs: list[float] = stage_seconds(s, pipeline.timing_batches)
-    else:
-        costs = [float(p) for p in params]
+    seconds = stage_seconds(s, pipeline.timing_batches)
+    costs = seconds if pipeline.balance == "time" else [float(p) for p in params]
     ranges = split_stages(costs, groups)
-    return Plan([[r.start, r.stop - 1] for r in ranges], pipeline.balance, costs, params, replicas)
+    bounds = [[r.start, r.stop - 1] for r in ranges]
+    return Plan(bounds, pipeline.balance, seconds, params, replicas)
 
 
 def read_plan(run_dir: Path, stages: int, groups: int, replicas: int) -> Plan | None:
@@ -144,7 +145,7 @@ def read_plan(run_dir: Path, stages: int, groups: int, replicas: int) -> Plan | 
         plan = Plan(
             [[int(a), int(b)] for a, b in raw["groups"]],
             str(raw["balance"]),
-            [float(c) for c in raw["stage_cost"]],
+            [float(c) for c in raw["stage_seconds"]],
             [int(p) for p in raw["stage_params"]],
             int(raw["replicas"]),
         )

@@ -2,9 +2,9 @@
 
 The stages are split into N contiguous groups balanced by the measured time of each stage with
 its aux net (distributed/balance.py), one process each, joined by ``torch.distributed`` (gloo on
-CPU, nccl on GPU). Two launches:
+CPU, nccl on GPU). Two launches (distributed/launch.py):
 
-- ``neuroplex train CONFIG``: this process starts the N workers (``torch.multiprocessing``) and
+- ``neuroplex train CONFIG``: that process starts the N workers (``torch.multiprocessing``) and
   waits for them;
 - ``torchrun --nnodes M --nproc-per-node P -m neuroplex train CONFIG``: the M x P ranks torchrun
   starts (on one machine or many; rendezvous and failure handling are torch.distributed's elastic
@@ -34,23 +34,16 @@ Shape legend: ``b`` batch, ``*shape`` one sample's activation shape (``d``, or `
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import signal
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
 
 from neuroplex import files
@@ -58,10 +51,8 @@ from neuroplex.config import Config
 from neuroplex.distributed.balance import Plan, make_plan, read_plan, write_plan
 from neuroplex.distributed.failures import (
     summary_after_peer_loss,
-    summary_after_spawn_failure,
     under_torchrun,
     with_resume_hint,
-    worker_failure,
 )
 from neuroplex.distributed.parallel import (
     Pipe,
@@ -71,7 +62,6 @@ from neuroplex.distributed.parallel import (
     join_process_group,
     peer_guard,
 )
-from neuroplex.errors import ConfigError, NeuroplexError, TrainingDiverged
 from neuroplex.methods.local import Local
 from neuroplex.network import stage_out_shape
 from neuroplex.train.evaluate import evaluate_splits
@@ -80,7 +70,6 @@ from neuroplex.train.memory import ActivationMeter
 from neuroplex.train.method import StepResult
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.rundir import LoopState, restore, start_run_dir
-from neuroplex.train.runlock import run_dir_lock
 from neuroplex.train.setup import Setup, build_setup
 
 EXIT_AT = "NEUROPLEX_PIPELINE_EXIT_AT"  # test hook "RANK:STEP": that process dies after STEP steps
@@ -98,113 +87,6 @@ class Job:
     stop_after_epoch: int | None
     progress: type[NullProgress]  # instantiated by rank 0
     init_method: str | None  # rendezvous of the process group (None: torchrun's environment)
-
-
-def train_pipeline(
-    cfg: Config,
-    run_dir: Path,
-    resume: bool,
-    stop_after_epoch: int | None,
-    progress: NullProgress | None,
-) -> dict[str, Any]:
-    """Run ``cfg`` as a pipeline of ``cfg.train.parallel`` stage groups; return the summary.
-
-    Under torchrun this process is one of the ranks; otherwise it starts the workers, waits, and
-    raises the error a worker reported (or a PipelineError naming the rank that died).
-    """
-    shown = type(progress) if progress is not None else NullProgress
-    if under_torchrun():
-        job = Job(cfg, run_dir, resume, stop_after_epoch, shown, None)
-        rank = int(os.environ["RANK"])
-        with run_dir_lock(run_dir, enabled=rank == 0):
-            return run_worker(rank, job, launched_world(cfg))
-    with run_dir_lock(run_dir):
-        return spawn_workers(cfg, run_dir, resume, stop_after_epoch, shown)
-
-
-def launched_world(cfg: Config) -> PipelineWorld:
-    """This rank's place among the ranks torchrun started: N groups x R replicas."""
-    n, size = cfg.train.parallel, int(os.environ["WORLD_SIZE"])
-    if size % n:
-        raise ConfigError(
-            f"train.parallel = {n}: torchrun started {size} processes; expected a multiple of "
-            f"{n} (stage groups x data-parallel replicas)"
-        )
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    return PipelineWorld(rank, size, local_rank, replicas=size // n)
-
-
-def spawn_workers(
-    cfg: Config,
-    run_dir: Path,
-    resume: bool,
-    stop_after_epoch: int | None,
-    progress: type[NullProgress],
-) -> dict[str, Any]:
-    """Start ``cfg.train.parallel`` workers on this machine and wait for them."""
-    n = cfg.train.parallel
-    errors = mp.get_context("spawn").SimpleQueue()
-    with tempfile.TemporaryDirectory(prefix="neuroplex-pipeline-") as tmp:
-        job = Job(cfg, run_dir, resume, stop_after_epoch, progress, f"file://{tmp}/store")
-        try:
-            with quiet_spawn():
-                context = mp.spawn(_worker, args=(job, errors), nprocs=n, join=False)
-                join_workers(context)
-        except ProcessException as e:  # the others were terminated: no hang
-            error = worker_failure(e, errors, run_dir)
-            if isinstance(error, PipelineError | TrainingDiverged):
-                summary_after_spawn_failure(cfg, run_dir, error)
-            raise error from e
-    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-
-
-def join_workers(context: mp.ProcessContext) -> None:
-    """Wait for every worker. Interrupted (Ctrl-C reaches the workers too; SIGTERM only this
-    process, which passes it on at once), make sure each worker gets SIGINT, so rank 0 writes the
-    interrupted summary, then wait for them to end."""
-    try:
-        while not context.join():
-            pass
-    except KeyboardInterrupt as e:
-        grace = 0.0 if getattr(e, "signal_name", "SIGINT") == "SIGTERM" else STOP_GRACE_S
-        for p in context.processes:
-            p.join(grace)
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
-        for p in context.processes:
-            p.join(STOP_WAIT_S)
-            if p.is_alive():
-                p.kill()
-        raise
-
-
-STOP_GRACE_S = 2.0  # a worker that got Ctrl-C itself has ended by then, or is writing the summary
-STOP_WAIT_S = 60.0  # then a worker still running is killed
-
-
-@contextmanager
-def quiet_spawn() -> Iterator[None]:
-    """Silence torch's warning that it is terminating the other workers after one failed: the
-    error reported is the one line the user needs."""
-    logger = logging.getLogger("torch.multiprocessing.spawn")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _worker(rank: int, job: Job, errors: Any) -> None:
-    """Entry point of spawned pipeline process ``rank``; a NeuroplexError goes to the parent."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent's stop request
-    try:
-        run_worker(rank, job, PipelineWorld(rank, job.cfg.train.parallel, local_rank=rank))
-    except NeuroplexError as e:
-        errors.put((rank, e))
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:  # the parent reports the interruption, in one line
-        raise SystemExit(130) from None
 
 
 def run_worker(rank: int, job: Job, world: PipelineWorld) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def train(
     """
     run_dir = Path(run_dir)
     if cfg.train.parallel > 1:
-        from neuroplex.distributed.pipeline import train_pipeline  # it builds on this module
+        from neuroplex.distributed.launch import train_pipeline  # it builds on this module
 
         if prepare is not None or start_epoch:
             raise ConfigError(
