@@ -477,6 +477,17 @@ class ExitsConfig(StrictModel):
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
 
 
+class PipelineConfig(StrictModel):
+    balance: Literal["time", "params"] = Field(
+        "time",
+        description="how train.parallel splits the stages into groups: by the measured time of "
+        "each stage + aux net (time) or by trainable parameters (params)",
+    )
+    timing_batches: int = Field(
+        3, ge=1, le=1000, description="batches each stage is timed on before the run (time)"
+    )
+
+
 class TrainConfig(StrictModel):
     method: Literal["backprop", "local"] = Field(
         "backprop", description="backprop: end to end; local: per-stage auxiliary networks"
@@ -506,8 +517,10 @@ class TrainConfig(StrictModel):
         1,
         ge=1,
         description="local only: processes training the stages as a pipeline, one stage group "
-        "each (1 = sequential)",
+        "each (1 = sequential); under torchrun the ranks are train.parallel groups x "
+        "data-parallel replicas",
     )
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     aux: AuxConfig = Field(default_factory=AuxConfig)
     plasticity: PlasticityConfig | None = Field(
         None, description="rewiring of the sparse layers during training; null = off"

@@ -1,67 +1,75 @@
-"""``bench pipeline`` smoke test: valid configs for the three runs, and the throughput arithmetic
-(no training: a fake runner logs known samples/s)."""
+"""``bench pipeline`` smoke test: valid configs for the runs compared, and the throughput
+arithmetic (no training: a fake runner logs known samples/s and a recorded stage split)."""
 
 import json
 
-import numpy as np
 import pytest
 
-from neuroplex.bench.pipeline import run, stage_plan
+from neuroplex.bench.pipeline import pipeline_name, run
 from neuroplex.config import load_config
+from neuroplex.distributed.balance import PLAN
 from neuroplex.files import append_jsonl
 
-RATES = {(2, 1): 1300.0, (1, 1): 1000.0, (1, 2): 1600.0}  # (threads, processes) -> samples/s
+# (threads, processes, balance) -> samples/s
+RATES = {(1, 1, None): 1000.0, (2, 1, None): 1300.0, (1, 2, "time"): 1600.0}
+RATES |= {(1, 2, "params"): 1250.0, (4, 1, None): 900.0, (1, 4, "time"): 2000.0}
+RATES |= {(1, 4, "params"): 1800.0}
+SHARES = {2: [0.45, 0.55], 4: [0.2, 0.3, 0.25, 0.25]}
 
 
 def fake_runner(configs: list):
     def runner(overrides: list[str], run_dir):
         cfg = load_config(None, overrides)
         configs.append(cfg)
-        rate = RATES[(cfg.threads, cfg.train.parallel)]
+        n = cfg.train.parallel
+        rate = RATES[(cfg.threads, n, cfg.train.pipeline.balance if n > 1 else None)]
         run_dir.mkdir(parents=True)
         for epoch, r in enumerate([rate / 10, rate, rate, rate * 1.1], start=1):  # slow warm-up
             append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, "samples_per_s": r})
+        if n > 1:
+            groups = [[i, i] for i in range(n - 1)] + [[n - 1, 3]]
+            plan = {"groups": groups, "shares": SHARES[n], "ceiling": 1 / max(SHARES[n])}
+            (run_dir / PLAN).write_text(json.dumps(plan))
 
     return runner
 
 
-def test_throughput_compares_the_pipeline_with_the_sequential_runs(tmp_path):
+def test_throughput_compares_each_pipeline_with_the_sequential_runs(tmp_path):
     configs = []
     out = tmp_path / "pipeline.json"
-    plan = {
-        "groups": [[0, 1], [2, 3]],
-        "cost_share": [0.4, 0.6],
-        "ideal_speedup_vs_1_thread": 5 / 3,
-    }
-    result = run(4, 512, 256, 300, 2, out, runner=fake_runner(configs), planner=lambda o: plan)
-    assert [(c.threads, c.train.parallel) for c in configs] == [(2, 1), (1, 1), (1, 2)]
+    widths = [1024, 256, 256, 256]
+    result = run(widths, 256, 300, [1, 2, 4], ["time", "params"], out, fake_runner(configs))
+    assert [(c.threads, c.train.parallel) for c in configs] == [
+        (1, 1),
+        (2, 1),
+        (1, 2),
+        (1, 2),
+        (4, 1),
+        (1, 4),
+        (1, 4),
+    ]
     for cfg in configs:
         assert cfg.train.method == "local" and cfg.train.batch_size == 256
-        assert len(cfg.model.stages) == 4 and cfg.model.stages[0].width == 512
-    assert list(result["samples_per_s"].values()) == [1300.0, 1000.0, 1600.0]
-    assert result["speedup"] == pytest.approx(1600 / 1300)
-    assert result["scaling_efficiency"] == pytest.approx(1600 / 2000)
-    assert json.loads(out.read_text())["speedup"] == pytest.approx(1600 / 1300)
+        assert [s.width for s in cfg.model.stages] == widths
+    two = result["pipelines"][pipeline_name(2, "time")]
+    assert two["vs_sequential_n_threads"] == pytest.approx(1600 / 1300)
+    assert two["scaling_efficiency"] == pytest.approx(1600 / 2000)
+    assert two["ceiling"] == pytest.approx(1 / 0.55)
+    assert two["of_ceiling"] == pytest.approx(1.6 * 0.55)
+    four = result["pipelines"][pipeline_name(4, "params")]
+    assert four["scaling_efficiency"] == pytest.approx(1800 / 4000)
+    assert json.loads(out.read_text())["pipelines"] == result["pipelines"]
     lines = out.with_suffix(".md").read_text().splitlines()
-    assert "| pipeline, 2 processes x 1 thread | 1,600 | 1.23× |" in lines
-    assert lines[-3].endswith(
-        "1.23×; scaling efficiency against 2 × the one-thread sequential throughput: 80%."
+    assert "| pipeline, 2 processes x 1 thread, time split | 1,600 | 1.60× |" in lines
+    assert (
+        "| 2 processes x 1 thread, time split | 1.23× | 80% | 0 / 1–3 (45% / 55%) | 1.82× | 88% |"
+        in lines
     )
-    assert lines[-1] == (
-        "Stage groups 0–1 | 2–3 (40% | 60% of the parameter cost): a perfectly overlapped "
-        "pipeline would reach 1.67× one thread."
+    assert (
+        "2 processes x 1 thread (time split) vs sequential with 2 threads: 1.23× (goal ≥ 1.35×), "
+        "88% of the 1.82× ceiling its split allows (goal ≥ 90%)." in lines
     )
-
-
-def test_stage_plan_shares_the_cost_between_contiguous_groups(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x=rng.normal(size=(200, 8)), y=rng.integers(0, 2, 200))
-    stages = "[{kind: dense, width: 4}, {kind: dense, width: 32}, {kind: dense, width: 32}]"
-    plan = stage_plan(
-        ["data.name=file", f"data.path={tmp_path / 'd.npz'}", f"model.stages={stages}"]
-        + ["train.method=local", "train.aux.kind=linear", "train.parallel=2"]
+    assert (
+        "2 processes: the time-balanced split trains 1.28× as fast as the parameter-count split "
+        "(goal ≥ 1.2×)." in lines
     )
-    # costs: 8*4+4+8+4*2+2 = 54; 4*32+32+64+32*2+2 = 290; 32*32+32+64+32*2+2 = 1186
-    assert plan["groups"] == [[0, 1], [2, 2]]
-    assert plan["cost_share"] == pytest.approx([344 / 1530, 1186 / 1530])
-    assert plan["ideal_speedup_vs_1_thread"] == pytest.approx(1530 / 1186)

@@ -1,95 +1,41 @@
-"""Pipelined stage parallelism: the same parameters as sequential local learning, a dead worker
-ends the run in bounded time with a resumable checkpoint, and bad configs are one-line errors."""
+"""Pipelined stage parallelism launched by ``neuroplex train``: the same parameters as sequential
+local learning for N = 2, 3, 4 (dropout included), a dead worker ends the run in bounded time with
+a summary and a resumable checkpoint, a run killed at each kind of write or stopped by SIGTERM
+resumes to the uninterrupted run, and bad configs are one-line errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+from safetensors.numpy import load_file
 
-from neuroplex.config import load_config
+from neuroplex.config import load_config, to_yaml
+from neuroplex.distributed.balance import PLAN
 from neuroplex.distributed.parallel import PipelineError
-from neuroplex.distributed.pipeline import EXIT_AT, split_stages, worker_failure
-from neuroplex.errors import ConfigError, TrainingDiverged
+from neuroplex.distributed.pipeline import CRASH_AT, EXIT_AT
+from neuroplex.errors import ConfigError
 from neuroplex.files import read_jsonl
-from neuroplex.train.checkpoint import load_checkpoint
+from neuroplex.train.checkpoint import checkpoint_root, load_checkpoint
 from neuroplex.train.loop import train
 
-# Dropout in stage 0 only, which rank 0 trains with the run's own random stream: the masks are
-# the sequential run's, and resume must restore the stream exactly.
-STAGES = (
-    "[{kind: dense, width: 24, dropout: 0.2}, {kind: dense, width: 16}, {kind: dense, width: 16}]"
-)
-TIMING = {"samples_per_s", "wall_time"}
+SUMMARY_TIMING = {"train_time_s", "peak_rss_bytes"}
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    """A small learnable .npz (3 classes from the sign pattern of two features): no generation
-    or scikit-learn import in the spawned processes."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(400, 12)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5).astype(np.int64)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=y)
-    return path
-
-
-def tiny(data_file, *extra: str):
-    return load_config(
-        None,
-        [
-            "data.name=file",
-            f"data.path={data_file}",
-            f"model.stages={STAGES}",
-            "train.method=local",
-            "train.aux.kind=linear",
-            "train.epochs=2",
-            "train.batch_size=32",
-            "train.lr=0.01",
-            "threads=1",
-            *extra,
-        ],
-    )
-
-
-@pytest.fixture(scope="module")
-def sequential(data_file, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "sequential"
-    torch.set_num_threads(1)  # as each pipeline process
-    train(tiny(data_file), run_dir)
-    return run_dir
-
-
-def assert_same_run(run_dir, reference):
-    """Same checkpointed tensors (model, aux nets, optimizer state) and the same metrics."""
-    got, want = load_checkpoint(run_dir, "last").tensors, load_checkpoint(reference).tensors
-    assert sorted(got) == sorted(want)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
-    rows, ref_rows = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
-    assert len(rows) == len(ref_rows) == 2
-    for row, ref in zip(rows, ref_rows, strict=True):
-        assert row.keys() == ref.keys()
-        for key in row.keys() - TIMING:
-            assert row[key] == pytest.approx(ref[key], rel=1e-5), key
-
-
-def test_the_tiny_model_splits_after_stage_0(data_file):
-    from neuroplex.distributed.pipeline import stage_costs
-    from neuroplex.train.setup import build_setup
-
-    assert split_stages(stage_costs(build_setup(tiny(data_file)).method), 2)[0] == range(0, 1)
-
-
-def test_groups_are_contiguous_and_minimise_the_largest_cost():
-    # four stages as at width 512 on MNIST-1D: a small first stage, then three large ones
-    assert split_stages([38, 279, 279, 267], 2) == [range(0, 2), range(2, 4)]
-    assert split_stages([5, 1, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 6)]
-    assert split_stages([1, 1, 1], 3) == [range(0, 1), range(1, 2), range(2, 3)]
-    assert split_stages([1, 2, 3], 1) == [range(0, 3)]
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_n_processes_give_the_sequential_parameters(tiny, sequential, same_run, tmp_path, n):
+    summary = train(tiny(f"train.parallel={n}"), tmp_path / "pipeline")
+    assert summary["status"] == "completed" and summary["ranks"] == n
+    assert summary["steps"] == json.loads((sequential / "summary.json").read_text())["steps"]
+    same_run(tmp_path / "pipeline", sequential)
+    plan = json.loads((tmp_path / "pipeline" / PLAN).read_text())
+    assert plan["balance"] == "time" and len(plan["stage_seconds"]) == 4
+    assert [i for a, b in plan["groups"] for i in range(a, b + 1)] == [0, 1, 2, 3]
+    assert len(plan["groups"]) == n and sum(plan["shares"]) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
@@ -110,6 +56,7 @@ def test_groups_are_contiguous_and_minimise_the_largest_cost():
             ],
             ["train.plasticity", "train.parallel = 2"],
         ),
+        (["train.pipeline.balance=speed"], ["train.pipeline.balance", "speed"]),
     ],
 )
 def test_bad_parallel_config_is_a_one_line_error(overrides, words):
@@ -121,57 +68,91 @@ def test_bad_parallel_config_is_a_one_line_error(overrides, words):
         assert word in message
 
 
-def test_two_processes_give_the_sequential_parameters(data_file, sequential, tmp_path):
-    summary = train(tiny(data_file, "train.parallel=2"), tmp_path / "pipeline")
-    assert summary["status"] == "completed" and summary["ranks"] == 2
-    assert summary["steps"] == json.loads((sequential / "summary.json").read_text())["steps"]
-    assert_same_run(tmp_path / "pipeline", sequential)
-
-
-def test_a_dead_worker_ends_the_run_and_the_checkpoint_resumes(
-    data_file, sequential, tmp_path, monkeypatch
+def test_a_dead_worker_ends_the_run_writes_a_summary_and_the_checkpoint_resumes(
+    tiny, sequential, same_run, tmp_path, monkeypatch
 ):
-    cfg = tiny(data_file, "train.parallel=2")
+    cfg = tiny("train.parallel=2")
     run_dir = tmp_path / "pipeline"
     monkeypatch.setenv("NEUROPLEX_DIST_TIMEOUT", "30")  # a stalled wait would end within 30 s
-    monkeypatch.setenv(EXIT_AT, "1:14")  # rank 1 dies in epoch 2 (10 steps per epoch)
+    monkeypatch.setenv(EXIT_AT, "1:14")  # rank 1 dies in epoch 2 (9 steps per epoch)
     start = time.monotonic()
     with pytest.raises(PipelineError, match="rank 1") as info:
         train(cfg, run_dir)
     assert time.monotonic() - start < 60  # bounded: no hang (not a speed measurement)
     assert "--resume" in str(info.value) and "\n" not in str(info.value)
     assert load_checkpoint(run_dir).state["loop"]["epoch"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == str(info.value)
+    assert summary["epochs"] == 1 and summary["steps"] == 9  # as of the checkpoint kept
+    assert "epoch-0001" in summary["error"]
     monkeypatch.delenv(EXIT_AT)
     assert train(cfg, run_dir, resume=True)["status"] == "completed"
-    assert_same_run(run_dir, sequential)
+    same_run(run_dir, sequential)
 
 
-class Reports:
-    """The parent's error queue, as filled by the workers."""
+def run_state(run_dir: Path) -> dict:
+    """What a finished run leaves that must not depend on interruptions."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = json.loads((checkpoint_root(run_dir) / "index.json").read_text())["last"]
+    tensors = load_file(str(checkpoint_root(run_dir) / last / "tensors.safetensors"))
+    return {
+        "metrics": [
+            {k: v for k, v in r.items() if k not in {"samples_per_s", "wall_time"}}
+            for r in read_jsonl(run_dir / "metrics.jsonl")
+        ],
+        "summary": {k: v for k, v in summary.items() if k not in SUMMARY_TIMING},
+        "tensors": {k: v.tobytes() for k, v in tensors.items()},
+        "plan": json.loads((run_dir / PLAN).read_text())["groups"],
+    }
 
-    def __init__(self, *items):
-        self.items = list(items)
 
-    def empty(self):
-        return not self.items
-
-    def get(self):
-        return self.items.pop(0)
+def kind(path: str) -> str:
+    name = Path(path).name
+    return "checkpoint dir" if name.startswith("epoch-") else name
 
 
-def test_the_reported_error_is_the_root_cause_not_the_lost_peer(tmp_path):
-    died = ProcessExitedException("", error_index=0, error_pid=1, exit_code=1)
-    lost = PipelineError("pipeline rank 0: sending to rank 1 failed: Connection closed by peer")
-    diverged = TrainingDiverged("loss became nan at step 3 (epoch 1)")
-    assert worker_failure(died, Reports((0, lost), (1, diverged)), tmp_path) is diverged
-    only_lost = worker_failure(died, Reports((0, lost)), tmp_path)
-    assert str(only_lost) == str(lost)  # no checkpoint yet: no resume hint
-    silent = ProcessExitedException(
-        "", error_index=1, error_pid=2, exit_code=-9, signal_name="SIGKILL"
-    )
-    assert (
-        str(worker_failure(silent, Reports(), tmp_path)) == "pipeline rank 1 died (signal SIGKILL)"
-    )
-    bug = ProcessRaisedException("Traceback ...\n  ...\nIndexError: list index out of range", 1, 2)
-    message = str(worker_failure(bug, Reports(), tmp_path))
-    assert message == "pipeline rank 1 failed: IndexError: list index out of range"
+def test_killed_at_each_kind_of_write_resumes_to_the_same_run(tiny, tmp_path, monkeypatch):
+    """Rank 0, the writer, dies (``os._exit``, as SIGKILL) at the first write of each kind —
+    the stage split, a metrics line, checkpoint tensors — and at the last index update and the
+    summary; every resumed run equals the uninterrupted one."""
+    cfg = tiny("train.parallel=2", "train.pipeline.balance=params")  # the same split each time
+    log = tmp_path / "writes.log"
+    monkeypatch.setenv(CRASH_AT, f"-1:{log}")
+    train(cfg, tmp_path / "reference")
+    expected = run_state(tmp_path / "reference")
+    kinds = [kind(p) for p in log.read_text().splitlines()]
+    picked = [kinds.index(k) for k in (PLAN, "metrics.jsonl", "tensors.safetensors")]
+    picked += [len(kinds) - 1 - kinds[::-1].index(k) for k in ("index.json", "summary.json")]
+    for n in picked:
+        run_dir = tmp_path / f"kill-{n}"
+        monkeypatch.setenv(CRASH_AT, str(n))
+        with pytest.raises(PipelineError, match="rank 0"):
+            train(cfg, run_dir)
+        monkeypatch.delenv(CRASH_AT)
+        train(cfg, run_dir, resume=True)
+        assert run_state(run_dir) == expected, f"killed at write {n} ({kinds[n]})"
+
+
+def test_sigterm_writes_an_interrupted_summary_exits_143_and_resumes(
+    tiny, sequential_run, same_run, tmp_path
+):
+    cfg = tiny("train.parallel=2", "train.epochs=40")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(to_yaml(cfg))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "neuroplex", "train", str(config), "--run-dir", str(run_dir)]
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and read_jsonl(metrics)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("epoch ")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM): "), err
+    assert "--resume" in lines[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "--resume" in summary["error"]
+    assert train(cfg, run_dir, resume=True)["status"] == "completed"
+    same_run(run_dir, sequential_run(tiny("train.epochs=40"), tmp_path / "sequential"))

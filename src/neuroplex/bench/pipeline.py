@@ -1,60 +1,70 @@
 """``neuroplex bench pipeline``: throughput of pipelined local learning (``train.parallel: N``)
-against the sequential local run given the same cores.
+against the sequential local run given the same cores, for each N asked.
 
-Three runs of one MNIST-1D config (dense stages of one width, local learning), one after another,
-each in its own process:
+Runs of one MNIST-1D config (dense stages, local learning, linear aux nets), one after another,
+each in its own process(es):
 
-- sequential with torch threads = N (the N cores used by intra-op threads);
-- sequential with torch threads = 1;
-- the pipeline, ``train.parallel = N``, one thread per process.
+- sequential with torch threads = 1 (the baseline of every ratio);
+- for each N > 1: sequential with torch threads = N (the N cores used by intra-op threads), and
+  the pipeline, ``train.parallel = N`` with one thread per process, once per stage-split rule
+  asked (``--balance time params``).
 
 Throughput is the median over epochs (the first left out: warm-up) of the training samples/s the
-loop logs, evaluation excluded. Reported: the pipeline's speedup over the sequential run with N
-threads, and its scaling efficiency against N x the one-thread sequential throughput; beside
-them, how the stages were split and the speedup over one thread a perfectly overlapped pipeline
-would reach with that split (total cost / largest group's cost).
+loop logs, evaluation excluded. Reported per pipeline run: the speedup over the sequential run
+with N threads and over one thread, the scaling efficiency (against N x the one-thread
+throughput), the stage groups and each one's share of the measured cost (from the run's
+``pipeline.json``), the ceiling that split allows (total cost / the largest group's: the speedup
+over one thread of a perfectly overlapped pipeline) and the share of it reached. With both rules,
+the time-balanced split's throughput over the parameter-count split's.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from neuroplex.bench import write
-from neuroplex.bench.local import base_overrides, machine, run_one
-from neuroplex.config import load_config
-from neuroplex.distributed.pipeline import split_stages, stage_costs
+from neuroplex.bench import machine, write
+from neuroplex.bench.local import run_one
+from neuroplex.distributed.balance import PLAN
 from neuroplex.files import read_jsonl
-from neuroplex.train.setup import build_setup
 
 Runner = Callable[[list[str], Path], Any]
-Planner = Callable[[list[str]], dict[str, Any]]
+GOAL_SPEEDUP, GOAL_CEILING, GOAL_BALANCE = 1.35, 0.90, 1.2  # issue 17's goals, printed beside
 
 
-def runs(n: int) -> dict[str, list[str]]:
-    """The three runs compared, by name: their overrides on top of the shared config."""
-    return {
-        f"sequential, {n} threads": [f"threads={n}"],
-        "sequential, 1 thread": ["threads=1"],
-        f"pipeline, {n} processes x 1 thread": [f"train.parallel={n}", "threads=1"],
-    }
+def shared_overrides(widths: list[int], batch: int, steps: int) -> list[str]:
+    stages = ", ".join(f"{{kind: dense, width: {w}, dropout: 0.1}}" for w in widths)
+    return [
+        "data.name=mnist1d",
+        f"model.stages=[{stages}]",
+        f"train.steps={steps}",
+        f"train.batch_size={batch}",
+        "train.lr=3e-3",
+        "train.method=local",
+        "train.aux.kind=linear",
+    ]
 
 
-def stage_plan(overrides: list[str]) -> dict[str, Any]:
-    """The pipeline run's stage groups (first and last stage), each group's share of the cost,
-    and the ideal speedup over one thread (1 / the largest share)."""
-    cfg = load_config(None, overrides)
-    costs = stage_costs(build_setup(cfg).method)
-    groups = split_stages(costs, cfg.train.parallel)
-    shares = [sum(costs[i] for i in group) / sum(costs) for group in groups]
-    return {
-        "groups": [[group.start, group.stop - 1] for group in groups],
-        "cost_share": shares,
-        "ideal_speedup_vs_1_thread": 1 / max(shares),
-    }
+def runs(processes: list[int], balances: list[str]) -> dict[str, list[str]]:
+    """The runs compared, by name: their overrides on top of the shared config."""
+    named = {"sequential, 1 thread": ["threads=1"]}
+    for n in sorted(set(processes) - {1}):
+        named[f"sequential, {n} threads"] = [f"threads={n}"]
+        for rule in balances:
+            named[pipeline_name(n, rule)] = [
+                f"train.parallel={n}",
+                "threads=1",
+                f"train.pipeline.balance={rule}",
+            ]
+    return named
+
+
+def pipeline_name(n: int, rule: str) -> str:
+    return f"pipeline, {n} processes x 1 thread, {rule} split"
 
 
 def throughput(run_dir: Path) -> float:
@@ -64,64 +74,107 @@ def throughput(run_dir: Path) -> float:
 
 
 def run(
-    stages: int,
-    width: int,
+    widths: list[int],
     batch: int,
     steps: int,
-    n: int,
+    processes: list[int],
+    balances: list[str],
     out: Path,
     runner: Runner = run_one,
-    planner: Planner = stage_plan,
 ) -> dict[str, Any]:
-    """Train the three runs one after another; write the JSON and a markdown table beside it."""
-    shared = [
-        *base_overrides(stages, width, steps),
-        f"train.batch_size={batch}",
-        "train.method=local",
-    ]
+    """Train the runs one after another; write the JSON and a markdown table beside it."""
+    shared = shared_overrides(widths, batch, steps)
     result: dict[str, Any] = {
         "machine": machine(),
-        "stages": stages,
-        "width": width,
+        "widths": widths,
         "batch": batch,
         "steps": steps,
-        "processes": n,
+        "processes": sorted(set(processes)),
+        "balances": balances,
         "samples_per_s": {},
-        "plan": planner([*shared, *list(runs(n).values())[-1]]),
+        "plans": {},
     }
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
-        for i, (name, extra) in enumerate(runs(n).items()):
+        for i, (name, extra) in enumerate(runs(processes, balances).items()):
             run_dir = Path(tmp) / f"run-{i}"
             runner([*shared, *extra], run_dir)
             result["samples_per_s"][name] = throughput(run_dir)
+            if (run_dir / PLAN).is_file():
+                result["plans"][name] = json.loads((run_dir / PLAN).read_text(encoding="utf-8"))
             print(f"{name}: {result['samples_per_s'][name]:,.0f} samples/s")
-    sequential_n, sequential_1, pipeline = (result["samples_per_s"][k] for k in runs(n))
-    result["speedup"] = pipeline / sequential_n
-    result["scaling_efficiency"] = pipeline / (n * sequential_1)
+    result["pipelines"] = pipeline_figures(result)
     write(result, out, table)
     return result
 
 
-def table(result: dict[str, Any]) -> str:
-    n = result["processes"]
+def pipeline_figures(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per pipeline run: speedups, scaling efficiency, ceiling and the share of it reached."""
     rates = result["samples_per_s"]
-    reference = rates[f"sequential, {n} threads"]
-    plan = result["plan"]
-    groups = " | ".join(f"{a}–{b}" if a != b else f"{a}" for a, b in plan["groups"])
-    shares = " | ".join(f"{100 * share:.0f}%" for share in plan["cost_share"])
+    one = rates["sequential, 1 thread"]
+    figures = {}
+    for n in result["processes"]:
+        for rule in result["balances"] if n > 1 else []:
+            name = pipeline_name(n, rule)
+            rate, ceiling = rates[name], result["plans"][name]["ceiling"]
+            figures[name] = {
+                "processes": n,
+                "vs_sequential_n_threads": rate / rates[f"sequential, {n} threads"],
+                "vs_1_thread": rate / one,
+                "scaling_efficiency": rate / (n * one),
+                "ceiling": ceiling,
+                "of_ceiling": rate / one / ceiling,
+            }
+    return figures
+
+
+def table(result: dict[str, Any]) -> str:
+    rates, one = result["samples_per_s"], result["samples_per_s"]["sequential, 1 thread"]
+    widths = ", ".join(str(w) for w in result["widths"])
     lines = [
-        f"MNIST-1D, local learning, {result['stages']} dense stages of width {result['width']}, "
+        f"MNIST-1D, local learning (linear aux nets), dense stages of widths {widths}, "
         f"batch {result['batch']}, {result['steps']} steps ({result['machine']}).",
         "",
-        f"| run | samples/s | vs sequential, {n} threads |",
+        "| run | samples/s | vs sequential, 1 thread |",
         "|---|---|---|",
-        *(f"| {name} | {rate:,.0f} | {rate / reference:.2f}× |" for name, rate in rates.items()),
+        *(f"| {name} | {rate:,.0f} | {rate / one:.2f}× |" for name, rate in rates.items()),
         "",
-        f"Pipeline speedup over the sequential run with {n} threads: {result['speedup']:.2f}×; "
-        f"scaling efficiency against {n} × the one-thread sequential throughput: "
-        f"{100 * result['scaling_efficiency']:.0f}%.",
-        "",
-        f"Stage groups {groups} ({shares} of the parameter cost): a perfectly overlapped pipeline "
-        f"would reach {plan['ideal_speedup_vs_1_thread']:.2f}× one thread.",
+        "| pipeline | vs sequential, N threads | scaling efficiency | stage groups (share of "
+        "the measured cost) | ceiling | of the ceiling |",
+        "|---|---|---|---|---|---|",
+        *(pipeline_row(name, f, result["plans"][name]) for name, f in result["pipelines"].items()),
+        *goal_lines(result),
     ]
     return "\n".join(lines) + "\n"
+
+
+def pipeline_row(name: str, figures: dict[str, float], plan: dict[str, Any]) -> str:
+    groups = " / ".join(f"{a}–{b}" if a != b else f"{a}" for a, b in plan["groups"])
+    shares = " / ".join(f"{100 * share:.0f}%" for share in plan["shares"])
+    return (
+        f"| {name.removeprefix('pipeline, ')} | {figures['vs_sequential_n_threads']:.2f}× | "
+        f"{100 * figures['scaling_efficiency']:.0f}% | {groups} ({shares}) | "
+        f"{figures['ceiling']:.2f}× | {100 * figures['of_ceiling']:.0f}% |"
+    )
+
+
+def goal_lines(result: dict[str, Any]) -> list[str]:
+    """Where the runs allow it: the two processes vs two threads goal, and time vs params."""
+    figures, rates = result["pipelines"], result["samples_per_s"]
+    lines = [""]
+    two = figures.get(pipeline_name(2, "time"))
+    if two is not None:
+        lines.append(
+            f"2 processes x 1 thread (time split) vs sequential with 2 threads: "
+            f"{two['vs_sequential_n_threads']:.2f}× (goal ≥ {GOAL_SPEEDUP}×), "
+            f"{100 * two['of_ceiling']:.0f}% of the {two['ceiling']:.2f}× ceiling its split "
+            f"allows (goal ≥ {100 * GOAL_CEILING:.0f}%)."
+        )
+    for n in result["processes"]:
+        time_name, params_name = pipeline_name(n, "time"), pipeline_name(n, "params")
+        if time_name in rates and params_name in rates:
+            ratio = rates[time_name] / rates[params_name]
+            lines.append(
+                f"{n} processes: the time-balanced split trains {ratio:.2f}× as fast as the "
+                f"parameter-count split (goal ≥ {GOAL_BALANCE}×)."
+            )
+    return lines if len(lines) > 1 else []

@@ -79,11 +79,20 @@ def bench_moe(
 @bench_app.command("pipeline")
 @user_errors
 def bench_pipeline(
-    stages: Annotated[int, typer.Option(min=2)] = 4,
+    stages: Annotated[int, typer.Option(min=2, help="dense stages (of --width)")] = 4,
     width: Annotated[int, typer.Option(min=1)] = 512,
+    widths: Annotated[
+        list[int] | None,
+        typer.Option(help="one width per stage instead of --stages/--width, e.g. 1024 256 256"),
+    ] = None,
     batch: Annotated[int, typer.Option(min=1)] = 256,
     steps: Annotated[int, typer.Option(min=1)] = 300,
-    processes: Annotated[int, typer.Option(min=2, help="train.parallel of the pipeline")] = 2,
+    processes: Annotated[
+        list[int], typer.Option(min=1, help="train.parallel values compared (1 = sequential)")
+    ] = [1, 2],  # noqa: B006
+    balance: Annotated[list[str], typer.Option(help="split rules compared: time, params")] = [  # noqa: B006
+        "time"
+    ],
     out: Annotated[
         Path, typer.Option(help="JSON output (a .md table is written beside it)")
     ] = Path("docs/bench/pipeline.json"),
@@ -91,9 +100,16 @@ def bench_pipeline(
     """Local learning throughput: pipelined stage groups (one thread per process) vs sequential."""
     from neuroplex.bench.pipeline import run, table
 
-    if processes > stages:
-        raise NeuroplexError(f"--processes {processes}: must be <= --stages ({stages})")
-    print(table(run(stages, width, batch, steps, processes, out)))
+    sizes = widths or [width] * stages
+    if any(w < 1 for w in sizes):
+        raise NeuroplexError(f"--widths {sizes}: every width must be >= 1")
+    for n in processes:
+        if n > len(sizes):
+            raise NeuroplexError(f"--processes {n}: must be <= the number of stages ({len(sizes)})")
+    for rule in balance:
+        if rule not in ("time", "params"):
+            raise NeuroplexError(f"--balance {rule!r}: expected 'time' or 'params'")
+    print(table(run(sizes, batch, steps, processes, balance, out)))
 
 
 @bench_app.command("sparse")

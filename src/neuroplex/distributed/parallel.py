@@ -102,15 +102,16 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def data_parallel(module: nn.Module) -> nn.Module:
-    """``module`` wrapped in DDP when a process group is running, else ``module`` itself."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def data_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """``module`` wrapped in DDP when a process group is running (gradients averaged over
+    ``group``, default: every rank), else ``module`` itself."""
+    if not dist.is_initialized() or (group is None and dist.get_world_size() == 1):
         return module
     if not any(p.requires_grad for p in module.parameters()):
         return module
     device = next(module.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids, process_group=group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,90 +122,122 @@ class PipelineError(NeuroplexError):
     """A pipeline process lost a peer: it died, or sent nothing before the deadline."""
 
 
+@dataclass(frozen=True)
 class PipelineWorld(World):
-    """A pipeline process's place: rank 0 reads whole batches (no sharding) and a diverged loss
-    is checked where it happens (no collective per step, which would stall the pipeline)."""
+    """A pipeline process's place: stage group ``rank // replicas`` of ``size // replicas``,
+    data-parallel replica ``rank % replicas`` of that group. The first group's replicas read
+    their shards of each global batch (one replica: the whole batch), and a diverged loss is
+    checked where it happens (no collective per step, which would stall the pipeline)."""
+
+    replicas: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.replicas
+
+    @property
+    def groups(self) -> int:
+        return self.size // self.replicas
+
+    @property
+    def replica(self) -> int:
+        return self.rank % self.replicas
 
     def shard(self, idx: Tensor) -> Tensor:
-        return idx
+        return World(self.replica, self.replicas).shard(idx)
 
     def any(self, flag: bool) -> bool:
         return flag
 
 
 @contextmanager
-def peer_guard(rank: int, what: str):
+def peer_guard(rank: int, what: str, peer: int | None = None):
     """Turn a communication failure (a peer died, or the deadline passed) into a PipelineError
-    naming this rank and what it was doing."""
+    naming this rank, what it was doing and, where one peer was involved, the lost rank."""
     try:
         yield
     except RuntimeError as e:
         text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's source file and line
         first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
-        raise PipelineError(f"pipeline rank {rank}: {what} failed: {first}") from None
+        lost = f"lost pipeline rank {peer}: " if peer is not None else ""
+        raise PipelineError(f"{lost}pipeline rank {rank}: {what} failed: {first}") from None
 
 
 class Pipe:
-    """Links of pipeline process ``rank`` of ``size``: batches ``(h [b, d], y [b])`` come from
-    rank - 1 and go to rank + 1 asynchronously (irecv/isend), at most two in flight each way.
-    Every wait has a deadline (``timeout``), so a dead or stalled peer ends the run, never hangs it.
+    """Links of pipeline process ``rank`` of ``size``: batches ``(h [b, *shape], y [b])`` come
+    from the same replica of the previous stage group (rank - replicas) and go to the next
+    (rank + replicas), asynchronously (irecv/isend), at most two in flight each way. Any
+    activation shape travels (vectors ``[b, d]``, feature maps ``[b, c, h, w]``). Every wait has a
+    deadline (``timeout``), so a dead or stalled peer ends the run, never hangs it.
     """
 
-    def __init__(self, rank: int, size: int, timeout: timedelta = TIMEOUT) -> None:
-        self.rank, self.size, self.timeout = rank, size, timeout
+    def __init__(
+        self, rank: int, size: int, timeout: timedelta = TIMEOUT, *, replicas: int = 1
+    ) -> None:
+        self.rank, self.size, self.timeout, self.replicas = rank, size, timeout, replicas
         self._in_flight: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
         self._sent = self._received = 0
 
     @property
     def first(self) -> bool:
-        return self.rank == 0
+        return self.rank < self.replicas
 
     @property
     def last(self) -> bool:
-        return self.rank == self.size - 1
+        return self.rank >= self.size - self.replicas
+
+    @property
+    def next(self) -> int:
+        return self.rank + self.replicas
+
+    @property
+    def previous(self) -> int:
+        return self.rank - self.replicas
 
     def send(self, h: Tensor, y: Tensor) -> None:
-        """Start sending a batch to the next rank; the tensors are kept alive until sent."""
+        """Start sending a batch (``h [b, *shape]``, ``y [b]``) to the next group; the tensors
+        are kept alive until sent."""
         if len(self._in_flight) == 2:
-            self._wait(self._in_flight.popleft()[0], f"sending to rank {self.rank + 1}")
+            self._wait(self._in_flight.popleft()[0], f"sending to rank {self.next}", self.next)
         tag = 2 * (self._sent % 2)  # alternate tags: the two batches in flight never mix
         batch = (h.contiguous(), y.contiguous())
-        works = [dist.isend(t, self.rank + 1, tag=tag + i) for i, t in enumerate(batch)]
+        works = [dist.isend(t, self.next, tag=tag + i) for i, t in enumerate(batch)]
         self._in_flight.append((works, batch))
         self._sent += 1
 
     def flush(self) -> None:
         """Wait until every batch sent has been received."""
         while self._in_flight:
-            self._wait(self._in_flight.popleft()[0], f"sending to rank {self.rank + 1}")
+            self._wait(self._in_flight.popleft()[0], f"sending to rank {self.next}", self.next)
 
     def receive(
-        self, sizes: list[int], d: int, dtype: torch.dtype, device: torch.device
+        self, sizes: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches ``(h [b, d], y [b])`` of the given sizes from the previous rank, in order.
-        Double buffering: batch t + 1 is being received while the caller trains on batch t (and
-        while this waits for batch t, so the sender never waits for this process to wake up)."""
+        """Batches ``(h [b, *shape], y [b])`` of the given sizes ``b`` from the previous group,
+        in order. Double buffering: batch t + 1 is being received while the caller trains on
+        batch t (and while this waits for batch t, so the sender never waits for this process to
+        wake up)."""
         posted: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
         for t in range(len(sizes)):
             for u in range(t + len(posted), min(t + 2, len(sizes))):
-                posted.append(self._post(sizes[u], d, dtype, device))
+                posted.append(self._post(sizes[u], shape, dtype, device))
             works, batch = posted.popleft()
-            self._wait(works, f"receiving from rank {self.rank - 1}")
+            self._wait(works, f"receiving from rank {self.previous}", self.previous)
             yield batch
 
     def _post(
-        self, b: int, d: int, dtype: torch.dtype, device: torch.device
+        self, b: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> tuple[list[dist.Work], tuple[Tensor, Tensor]]:
         batch = (
-            torch.empty(b, d, dtype=dtype, device=device),
+            torch.empty(b, *shape, dtype=dtype, device=device),
             torch.empty(b, dtype=torch.long, device=device),
         )
         tag = 2 * (self._received % 2)
-        works = [dist.irecv(t, self.rank - 1, tag=tag + i) for i, t in enumerate(batch)]
+        works = [dist.irecv(t, self.previous, tag=tag + i) for i, t in enumerate(batch)]
         self._received += 1
         return works, batch
 
-    def _wait(self, works: list[dist.Work], what: str) -> None:
-        with peer_guard(self.rank, what):
+    def _wait(self, works: list[dist.Work], what: str, peer: int) -> None:
+        with peer_guard(self.rank, what, peer):
             for work in works:
                 work.wait(self.timeout)

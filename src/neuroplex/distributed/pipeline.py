@@ -1,60 +1,69 @@
 """Pipelined stage parallelism for local learning (``train.parallel: N``).
 
-The stages are split into N contiguous groups balanced by parameter count (a stage plus its aux
-net, or the head for the last stage), one process each, started by ``torch.multiprocessing`` and
-joined by ``torch.distributed`` (gloo on CPU, nccl on GPU). Rank 0 reads the batches in the loop's
-epoch order and trains group 0 exactly as ``Local`` does, then sends the detached output and the
-labels to rank 1, which trains group 1 and sends on; the last group owns the head. No gradient goes
-back. Sends and receives are asynchronous with two batches in flight (train.parallel.Pipe), so
-communication overlaps compute.
+The stages are split into N contiguous groups balanced by the measured time of each stage with
+its aux net (distributed/balance.py), one process each, joined by ``torch.distributed`` (gloo on
+CPU, nccl on GPU). Two launches (distributed/launch.py):
+
+- ``neuroplex train CONFIG``: that process starts the N workers (``torch.multiprocessing``) and
+  waits for them;
+- ``torchrun --nnodes M --nproc-per-node P -m neuroplex train CONFIG``: the M x P ranks torchrun
+  starts (on one machine or many; rendezvous and failure handling are torch.distributed's elastic
+  agent) are N stage groups x R = M * P / N data-parallel replicas, rank = group * R + replica.
+  The replicas of a group average their gradients (DDP over the group's ranks).
+
+Rank 0 (group 0, replica 0) reads the batches in the loop's epoch order (each replica of group 0
+its shard) and trains group 0 exactly as ``Local`` does, then sends the detached output (any
+shape) and the labels to the same replica of group 1, which trains group 1 and sends on; the last
+group owns the head. No gradient goes back. Sends and receives are asynchronous with two batches in
+flight (distributed.parallel.Pipe), so communication overlaps compute.
 
 Every process builds the whole model and the whole ``Local`` method from the same seed (so the
-same initialisation) and trains only its group. At the end of each epoch the groups' state (stages,
-aux nets, optimizer state) and step totals are gathered into rank 0, which then holds the whole
-model: it evaluates, and the one loop writes metrics and checkpoints in the sequential run's
-format. Resume loads the whole checkpoint in every process (each gets its own RNG state back).
+same initialisation) and trains only its group; each stage draws dropout masks from its own
+stream (methods/streams.py), so the parameters equal the sequential run's. At the end of each epoch
+the groups' state (stages, aux nets, optimizer state, random streams) and step totals are gathered
+into rank 0, which then holds the whole model: it evaluates, and the one loop writes metrics and
+checkpoints in the sequential run's format. Resume loads the whole checkpoint in every process.
 
 A worker that dies or stalls ends the run in bounded time: every wait has a deadline
-(``NEUROPLEX_DIST_TIMEOUT`` seconds, default 300), the others fail naming the lost rank, and the
-parent raises one error; the last checkpoint stays resumable.
+(``NEUROPLEX_DIST_TIMEOUT`` seconds, default 300), the others fail naming the lost rank, one error
+line is reported and ``summary.json`` says what happened (distributed/failures.py); the last
+checkpoint stays resumable.
 
-Shape legend: ``b`` batch, ``d`` features.
+Shape legend: ``b`` batch, ``*shape`` one sample's activation shape (``d``, or ``c, h, w``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import signal
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import cache
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
+from torch.nn.parallel import DistributedDataParallel
 
+from neuroplex import files
 from neuroplex.config import Config
+from neuroplex.distributed.balance import Plan, make_plan, read_plan, write_plan
+from neuroplex.distributed.failures import (
+    summary_after_peer_loss,
+    under_torchrun,
+    with_resume_hint,
+)
 from neuroplex.distributed.parallel import (
     Pipe,
     PipelineError,
     PipelineWorld,
+    data_parallel,
     join_process_group,
     peer_guard,
 )
-from neuroplex.errors import ConfigError, NeuroplexError
 from neuroplex.methods.local import Local
-from neuroplex.train.checkpoint import INDEX, checkpoint_root
+from neuroplex.network import stage_out_shape
 from neuroplex.train.evaluate import evaluate_splits
 from neuroplex.train.loop import EpochTotals, epoch_batches, finish_epoch, run_epochs, train_batch
 from neuroplex.train.memory import ActivationMeter
@@ -64,6 +73,8 @@ from neuroplex.train.rundir import LoopState, restore, start_run_dir
 from neuroplex.train.setup import Setup, build_setup
 
 EXIT_AT = "NEUROPLEX_PIPELINE_EXIT_AT"  # test hook "RANK:STEP": that process dies after STEP steps
+CRASH_AT = "NEUROPLEX_PIPELINE_CRASH_AT"  # test hook "N:LOG": rank 0 dies at its N-th write
+# (0-based; N < 0: never), after appending the path of every write to the file LOG
 
 
 @dataclass(frozen=True)
@@ -75,203 +86,150 @@ class Job:
     resume: bool
     stop_after_epoch: int | None
     progress: type[NullProgress]  # instantiated by rank 0
-    init_method: str  # rendezvous of the process group
+    init_method: str | None  # rendezvous of the process group (None: torchrun's environment)
 
 
-def train_pipeline(
-    cfg: Config,
-    run_dir: Path,
-    resume: bool,
-    stop_after_epoch: int | None,
-    progress: NullProgress | None,
-) -> dict[str, Any]:
-    """Run ``cfg`` as ``cfg.train.parallel`` pipeline processes; wait; return the summary.
-
-    Raises the error a worker reported (or a PipelineError naming the rank that died).
-    """
-    n = cfg.train.parallel
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            f"train.parallel = {n}: cannot run under torchrun (data parallel); "
-            "start it with plain `neuroplex train`"
-        )
-    errors = mp.get_context("spawn").SimpleQueue()
-    with tempfile.TemporaryDirectory(prefix="neuroplex-pipeline-") as tmp:
-        shown = type(progress) if progress is not None else NullProgress
-        job = Job(cfg, run_dir, resume, stop_after_epoch, shown, f"file://{tmp}/store")
-        try:
-            with quiet_spawn():
-                context = mp.spawn(_worker, args=(job, errors), nprocs=n, join=False)
-                join_workers(context)
-        except ProcessException as e:  # the others were terminated: no hang
-            raise worker_failure(e, errors, run_dir) from e
-    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-
-
-def join_workers(context: mp.ProcessContext) -> None:
-    """Wait for every worker. Interrupted (Ctrl-C reaches the workers too; SIGTERM only this
-    process), make sure each worker gets SIGINT, so rank 0 writes the interrupted summary, then
-    wait for them to end."""
-    try:
-        while not context.join():
-            pass
-    except KeyboardInterrupt:
-        for p in context.processes:
-            p.join(STOP_GRACE_S)
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
-        for p in context.processes:
-            p.join(STOP_WAIT_S)
-            if p.is_alive():
-                p.kill()
-        raise
-
-
-STOP_GRACE_S = 2.0  # a worker that got Ctrl-C itself has ended by then, or is writing the summary
-STOP_WAIT_S = 60.0  # then a worker still running is killed
-
-
-@contextmanager
-def quiet_spawn() -> Iterator[None]:
-    """Silence torch's warning that it is terminating the other workers after one failed: the
-    error reported is the one line the user needs."""
-    logger = logging.getLogger("torch.multiprocessing.spawn")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def worker_failure(e: ProcessException, errors: Any, run_dir: Path) -> NeuroplexError:
-    """The error to report when a worker ended the run: the root cause a worker reported (a lost
-    peer is only a consequence), else what happened to the first rank that failed (``--debug``
-    shows its traceback)."""
-    reported: dict[int, NeuroplexError] = {}
-    while not errors.empty():
-        rank, error = errors.get()
-        reported.setdefault(rank, error)
-    causes = [err for err in reported.values() if not isinstance(err, PipelineError)]
-    if causes:
-        return causes[0]
-    if e.error_index in reported:
-        what = str(reported[e.error_index])
-    elif isinstance(e, ProcessRaisedException):
-        last = e.msg.strip().splitlines()[-1] if e.msg.strip() else "unknown error"
-        what = f"pipeline rank {e.error_index} failed: {last}"
-    else:
-        how = f"signal {e.signal_name}" if e.signal_name else f"exit code {e.exit_code}"
-        what = f"pipeline rank {e.error_index} died ({how})"
-    if (checkpoint_root(run_dir) / INDEX).is_file():
-        what += (
-            f"; the last checkpoint in {checkpoint_root(run_dir)} is kept: continue with "
-            f"`neuroplex train --resume {run_dir}`"
-        )
-    return PipelineError(what)
-
-
-def _worker(rank: int, job: Job, errors: Any) -> None:
-    """Entry point of pipeline process ``rank``; a NeuroplexError goes to the parent."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent's stop request
-    try:
-        run_worker(rank, job)
-    except NeuroplexError as e:
-        errors.put((rank, e))
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:  # the parent reports the interruption, in one line
-        raise SystemExit(130) from None
-
-
-def run_worker(rank: int, job: Job) -> dict[str, Any]:
+def run_worker(rank: int, job: Job, world: PipelineWorld) -> dict[str, Any]:
     """Build the run, join the group, train this process's stage group through the one loop."""
     cfg = job.cfg
     torch.set_num_threads(cfg.threads or 1)
-    world = PipelineWorld(rank, cfg.train.parallel, local_rank=rank)
-    # Built before the process group exists, so Local does not wrap its stages in DDP: the
-    # pipeline's stages are not data parallel.
+    # Built before the process group exists, so Local does not wrap its stages in DDP over every
+    # rank: only a group's replicas average their gradients.
     s = build_setup(cfg, world)
-    # The same initialisation everywhere; then rank 0 goes on with the run's own random stream
-    # (dropout, router noise), as the sequential run's first stages do, and every other process
-    # gets a stream of its own, so no two stage groups draw the same masks.
-    if rank > 0:
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
-    join_process_group(rank, world.size, rank, job.init_method)
+    join_process_group(rank, world.size, world.local_rank, job.init_method)
     try:
-        groups = split_stages(stage_costs(s.method), world.size)
-        s.method = StageGroup(s.method, groups[rank], Pipe(rank, world.size))
-        progress = job.progress() if world.is_main else NullProgress()
+        install_crash_hook(rank)
         state = restore(job.run_dir, s) if job.resume else start_run_dir(job.run_dir, s)
-        return run_epochs(s, state, job.run_dir, job.stop_after_epoch, progress, pipeline_epoch)
+        plan = agree_on_plan(s, job)
+        pipe = Pipe(rank, world.size, replicas=world.replicas)
+        s.method = StageGroup(s.method, plan.ranges[world.group], pipe, replica_group(world))
+        progress = job.progress() if world.is_main else NullProgress()
+        try:
+            return run_epochs(s, state, job.run_dir, job.stop_after_epoch, progress, pipeline_epoch)
+        except PipelineError as e:
+            error = PipelineError(with_resume_hint(str(e), job.run_dir))
+            if under_torchrun():
+                summary_after_peer_loss(job.run_dir, s, error)
+            raise error from None
     finally:
         dist.destroy_process_group()
 
 
-def stage_costs(local: Local) -> list[int]:
-    """Trainable parameters of each stage with its aux net (the head for the last stage): the
-    compute per sample of a dense stage, up to a constant."""
-    return [
-        sum(p.numel() for p in trainee.parameters() if p.requires_grad)
-        for trainee in local.trainees
-    ]
+def agree_on_plan(s: Setup, job: Job) -> Plan:
+    """Rank 0 reads the run's split (resume) or measures and records a new one; every rank gets
+    it."""
+    world: PipelineWorld = s.world  # type: ignore[assignment]
+    box: list[Plan | None] = [None]
+    if world.is_main:
+        stages = len(s.model.stages)
+        plan = read_plan(job.run_dir, stages, world.groups, world.replicas) if job.resume else None
+        if plan is None:
+            plan = make_plan(s, world.groups, world.replicas)
+            write_plan(job.run_dir, plan)
+        box = [plan]
+    with peer_guard(world.rank, "receiving the stage split"):
+        dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None
+    return box[0]
 
 
-def split_stages(costs: list[int], n: int) -> list[range]:
-    """``n`` contiguous, non-empty groups of stages whose largest total cost is the smallest
-    possible (ties: the earliest boundaries)."""
-    prefix = [0, *accumulate(costs)]
+def replica_group(world: PipelineWorld) -> dist.ProcessGroup | None:
+    """The process group of this rank's stage group's replicas (None: one replica). Every rank
+    creates every group, in the same order, as torch.distributed requires."""
+    if world.replicas == 1:
+        return None
+    mine = None
+    for g in range(world.groups):
+        ranks = list(range(g * world.replicas, (g + 1) * world.replicas))
+        group = dist.new_group(ranks)
+        mine = group if g == world.group else mine
+    return mine
 
-    @cache
-    def best(k: int, end: int) -> tuple[int, tuple[int, ...]]:
-        """Stages ``[0, end)`` in ``k`` groups: (largest group cost, first stage of each group)."""
-        if k == 1:
-            return prefix[end], (0,)
-        options = []
-        for start in range(k - 1, end):  # the last group is [start, end)
-            worst, starts = best(k - 1, start)
-            options.append((max(worst, prefix[end] - prefix[start]), (*starts, start)))
-        return min(options)
 
-    bounds = [*best(n, len(costs))[1], len(costs)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+def install_crash_hook(rank: int) -> None:
+    """The kill test's hook (``CRASH_AT``): rank 0 logs each write and dies at the N-th."""
+    spec = os.environ.get(CRASH_AT)
+    if not spec or rank != 0:
+        return
+    n, _, log = spec.partition(":")
+    seen: list[Path] = []
+
+    def hook(path: Path) -> None:
+        seen.append(path)
+        if log:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{path}\n")
+        if len(seen) - 1 == int(n):
+            os._exit(3)  # as SIGKILL would: no clean-up
+
+    files.crash_hooks.append(hook)
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 class StageGroup:
-    """The method of one pipeline process: ``Local`` on its stages; the output goes on to the
-    next process. Checkpoint state is the whole ``Local``'s (rank 0 holds it after a gather)."""
+    """The method of one pipeline process: ``Local`` on its stages (data parallel over the
+    group's replicas, if any); the output goes on to the next group. Checkpoint state is the
+    whole ``Local``'s (rank 0 holds it after a gather)."""
 
-    def __init__(self, local: Local, stages: range, pipe: Pipe) -> None:
+    def __init__(
+        self,
+        local: Local,
+        stages: range,
+        pipe: Pipe,
+        replicas: dist.ProcessGroup | None = None,
+    ) -> None:
         self.local, self.stages, self.pipe = local, stages, pipe
+        self.optimizers = local.optimizers
+        if replicas is not None:
+            for i in stages:
+                local.trainees[i] = data_parallel(local.trainees[i], replicas)
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
-        """Train the group on ``x [b, d_in]`` (the previous group's output), ``y [b]``; send the
-        output ``[b, d_out]`` and ``y`` on. The loss is the group's last local loss."""
+        """Train the group on ``x [b, *shape_in]`` (the previous group's output), ``y [b]``; send
+        the output ``[b, *shape_out]`` and ``y`` on. The loss is the group's last local loss."""
         result, h = self.local.train_stages(self.stages, x, y, lr)
         if not self.pipe.last:
             self.pipe.send(h, y)
         return result
 
     def batches(self, s: Setup, epoch: int, done_steps: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """This process's inputs for ``epoch``: rank 0 reads the data, the others receive."""
+        """This process's inputs for ``epoch``: group 0 reads the data (its replica's shard of
+        each global batch), the others receive."""
         batches = epoch_batches(s, epoch, done_steps)
         if self.pipe.first:
             return (
-                s.data.train_batch(idx, (s.cfg.seed, epoch, done_steps + i))
+                s.data.train_batch(idx, (s.cfg.seed, epoch, done_steps + i), s.world.shard)
                 for i, idx in enumerate(batches)
             )
-        d = s.model.stages[self.stages.start - 1].d_out
+        shape = stage_out_shape(s.model.stages[self.stages.start - 1])
         dtype = next(s.model.parameters()).dtype
-        return self.pipe.receive([len(idx) for idx in batches], d, dtype, s.device)
+        sizes = [len(s.world.shard(idx)) for idx in batches]
+        return self.pipe.receive(sizes, shape, dtype, s.device)
 
-    def part(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
-        """State this process trains: per stage, (stage + aux/head, optimizer) state dicts."""
-        trainees, optimizers = self.local.trainees, self.local.optimizers
-        return {i: (trainees[i].state_dict(), optimizers[i].state_dict()) for i in self.stages}
+    def part(self) -> dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]]:
+        """State this process trains: per stage, (stage + aux/head, optimizer) state dicts and
+        the stage's random stream."""
+        local = self.local
+        trainees, optimizers, streams = local.trainees, local.optimizers, local.streams
+        return {
+            i: (
+                unwrapped(trainees[i]).state_dict(),
+                optimizers[i].state_dict(),
+                streams.state(range(i, i + 1)),
+            )
+            for i in self.stages
+        }
 
-    def load_part(self, part: dict[int, tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        for i, (module, optimizer) in part.items():
-            self.local.trainees[i].load_state_dict(module)
+    def load_part(
+        self, part: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]]
+    ) -> None:
+        for i, (module, optimizer, stream) in part.items():
+            unwrapped(self.local.trainees[i]).load_state_dict(module)
             self.local.optimizers[i].load_state_dict(optimizer)
+            self.local.streams.load_state(stream, range(i, i + 1))
 
     def modules(self) -> list[nn.Module]:
         return self.local.modules()
@@ -312,30 +270,49 @@ def pipeline_epoch(
 def gather_epoch(
     s: Setup, group: StageGroup, totals: EpochTotals
 ) -> tuple[EpochTotals, dict[str, float]]:
-    """Collect every group's state into rank 0's model, which it evaluates; every process gets
-    the whole run's totals and the evaluation."""
-    parts: list[Any] | None = [None] * s.world.size if s.world.is_main else None
-    with peer_guard(s.world.rank, "gathering the epoch's state"):
-        dist.gather_object((totals, group.part()), parts, dst=0)
+    """Collect every group's state (from its first replica) into rank 0's model, which it
+    evaluates; every process gets the whole run's totals and the evaluation."""
+    world: PipelineWorld = s.world  # type: ignore[assignment]
+    parts: list[Any] | None = [None] * world.size if world.is_main else None
+    mine = group.part() if world.replica == 0 else {}
+    with peer_guard(world.rank, "gathering the epoch's state"):
+        dist.gather_object((totals, mine), parts, dst=0)
     box: list[Any] = [None]
     if parts is not None:
         for _, part in parts[1:]:
             group.load_part(part)
-        box = [(merge_totals([t for t, _ in parts]), evaluate_splits(s.model, s.data))]
-    with peer_guard(s.world.rank, "receiving the epoch's evaluation"):
+        merged = merge_totals([t for t, _ in parts], world.replicas)
+        box = [(merged, evaluate_splits(s.model, s.data))]
+    with peer_guard(world.rank, "receiving the epoch's evaluation"):
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def merge_totals(per_rank: list[EpochTotals]) -> EpochTotals:
-    """Loss and accuracy are the head's (last rank); statistics of every stage; the epoch took
-    as long as the slowest process."""
+def merge_totals(per_rank: list[EpochTotals], replicas: int = 1) -> EpochTotals:
+    """The whole run's totals from every rank's (rank = group * replicas + replica): a group's
+    replicas add up their samples (statistics averaged over them); loss and accuracy are the
+    head's (last group); statistics of every stage; the epoch took as long as the slowest
+    process."""
+    groups = [add_replicas(per_rank[g : g + replicas]) for g in range(0, len(per_rank), replicas)]
     stats: dict[str, float] = {}
-    for totals in per_rank:
+    for totals in groups:
         stats.update(totals.stat_sums)
     return replace(
-        per_rank[-1],
+        groups[-1],
         seconds=max(t.seconds for t in per_rank),
         activation_peak=max(t.activation_peak for t in per_rank),
         stat_sums=stats,
+    )
+
+
+def add_replicas(replicas: list[EpochTotals]) -> EpochTotals:
+    """One group's totals: sums over its replicas, statistics averaged."""
+    keys = replicas[0].stat_sums.keys()
+    n = len(replicas)
+    return replace(
+        replicas[0],
+        loss_sum=sum(t.loss_sum for t in replicas),
+        correct=sum(t.correct for t in replicas),
+        seen=sum(t.seen for t in replicas),
+        stat_sums={k: sum(t.stat_sums[k] for t in replicas) / n for k in keys},
     )

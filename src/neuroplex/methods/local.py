@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from neuroplex.config import AuxConfig, Config, DenseStageConfig
 from neuroplex.distributed.parallel import data_parallel
 from neuroplex.layers import DenseBlock, DenseStage, StageOutput
+from neuroplex.methods.streams import StageStreams
 from neuroplex.network import ACTIVATIONS, NORMS, Network, run_stage
 from neuroplex.train.checkpoint import (
     load_module_state,
@@ -198,6 +199,9 @@ class Local:
         ]
         self.trainees = [data_parallel(pair) for pair in pairs]
         self.optimizers = [build_optimizer([pair], cfg.train) for pair in pairs]
+        # each stage draws its dropout masks (router noise) from its own stream, so the run is
+        # the same however the stages are spread over processes (train.parallel)
+        self.streams = StageStreams(cfg.seed, len(pairs), device)
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """Train each stage on ``x [b, d]``, ``y [b]`` in turn; return the head's loss."""
@@ -216,11 +220,12 @@ class Local:
         stats: dict[str, Tensor] = {}
         for s in stages:
             trainee, opt = self.trainees[s], self.optimizers[s]
-            out, logits = trainee(h.detach())  # detach: the gradient-isolation boundary
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-            set_lr(opt, lr)
-            opt.zero_grad(set_to_none=True)
-            (loss + out.aux_loss).backward()
+            with self.streams.use(s):
+                out, logits = trainee(h.detach())  # detach: the gradient-isolation boundary
+                loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+                set_lr(opt, lr)
+                opt.zero_grad(set_to_none=True)
+                (loss + out.aux_loss).backward()
             if self.cfg.grad_clip is not None:
                 params = [p for g in opt.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
@@ -243,6 +248,7 @@ class Local:
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"aux.{k}": v for k, v in self.aux.state_dict().items()}
+        tensors.update(self.streams.state())
         metas = []
         for s, opt in enumerate(self.optimizers):
             opt_tensors, meta = optimizer_state(opt, f"optim{s}.")
@@ -252,5 +258,6 @@ class Local:
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         load_module_state(self.aux, tensors, "aux.")
+        self.streams.load_state(tensors)
         for s, (opt, opt_meta) in enumerate(zip(self.optimizers, meta["optimizers"], strict=True)):
             load_optimizer_state(opt, tensors, opt_meta, f"optim{s}.")

@@ -7,7 +7,9 @@ Run directory written (by rank 0) through neuroplex.train.rundir::
     plasticity.jsonl one JSON line per rewiring event (neuroplex.plasticity.schedule), if enabled
     checkpoints/     see neuroplex.train.checkpoint
     rewind/          epoch-EEEE.safetensors: model weights after the epochs in train.save_epochs
-    summary.json     final figures, written when the run ends (or stops, diverges, is interrupted)
+    summary.json     final figures, written when the run ends (or stops, diverges, is interrupted,
+                     or a pipeline worker is lost)
+    pipeline.json    train.parallel > 1: the stage groups and their measured shares
     .lock            held by the one process writing the run (neuroplex.train.runlock)
 
 Shape legend: ``b`` batch, ``d`` features.
@@ -88,7 +90,7 @@ def train(
     if data is not None:
         cfg = python_data_config(cfg)
     if cfg.train.parallel > 1:
-        from neuroplex.distributed.pipeline import train_pipeline  # it builds on this module
+        from neuroplex.distributed.launch import train_pipeline  # it builds on this module
 
         if data is not None:
             raise ConfigError(
@@ -105,8 +107,7 @@ def train(
                 f"callbacks: not with train.parallel = {cfg.train.parallel} (the stages train "
                 "in spawned processes); the loggers of log: still run"
             )
-        with run_dir_lock(run_dir):
-            return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)
+        return train_pipeline(cfg, run_dir, resume, stop_after_epoch, progress)  # it locks
     world = init_world()
     try:
         with run_dir_lock(run_dir, enabled=world.is_main):
