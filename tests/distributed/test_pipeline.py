@@ -175,3 +175,55 @@ def test_the_reported_error_is_the_root_cause_not_the_lost_peer(tmp_path):
     bug = ProcessRaisedException("Traceback ...\n  ...\nIndexError: list index out of range", 1, 2)
     message = str(worker_failure(bug, Reports(), tmp_path))
     assert message == "pipeline rank 1 failed: IndexError: list index out of range"
+
+
+# ---------------------------------------------------------------------------------------------
+# conv stages: feature maps [b, c, h, w] sent between the processes
+
+CONV_STAGES = (
+    "[{kind: conv, channels: 4, pool: max}, {kind: residual, channels: 6, blocks: 1, stride: 2},"
+    " {kind: pool}]"
+)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    """A small learnable image .npz (uint8 8x8, class = the brighter half of the image)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(240, 8, 8), dtype=np.uint8)
+    y = (x[:, :4].mean(axis=(1, 2)) > x[:, 4:].mean(axis=(1, 2))).astype(np.int64)
+    path = tmp_path_factory.mktemp("images") / "tiny_images.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def tiny_conv(image_file, *extra: str):
+    return load_config(
+        None,
+        [
+            "data.name=images",
+            f"data.path={image_file}",
+            f"model.stages={CONV_STAGES}",
+            "train.method=local",
+            "train.aux.kind=augmented",
+            "train.aux.widen=0.5",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.lr=0.01",
+            "threads=1",
+            *extra,
+        ],
+    )
+
+
+def test_two_processes_on_conv_stages_give_the_sequential_parameters(image_file, tmp_path):
+    from neuroplex.distributed.pipeline import stage_costs
+    from neuroplex.train.setup import build_setup
+
+    first = split_stages(stage_costs(build_setup(tiny_conv(image_file)).method), 2)[0]
+    assert first.stop in (1, 2)  # rank 0 sends a feature map (the pool stage comes last)
+    torch.set_num_threads(1)  # as each pipeline process
+    train(tiny_conv(image_file), tmp_path / "sequential")
+    summary = train(tiny_conv(image_file, "train.parallel=2"), tmp_path / "pipeline")
+    assert summary["status"] == "completed" and summary["ranks"] == 2
+    assert_same_run(tmp_path / "pipeline", tmp_path / "sequential")

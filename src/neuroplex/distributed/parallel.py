@@ -179,24 +179,25 @@ class Pipe:
             self._wait(self._in_flight.popleft()[0], f"sending to rank {self.rank + 1}")
 
     def receive(
-        self, sizes: list[int], d: int, dtype: torch.dtype, device: torch.device
+        self, sizes: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches ``(h [b, d], y [b])`` of the given sizes from the previous rank, in order.
+        """Batches ``(h [b, *shape], y [b])`` of the given sizes from the previous rank, in order
+        (``shape``: one sample's, a vector ``(d,)`` or a feature map ``(c, *s)``).
         Double buffering: batch t + 1 is being received while the caller trains on batch t (and
         while this waits for batch t, so the sender never waits for this process to wake up)."""
         posted: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
         for t in range(len(sizes)):
             for u in range(t + len(posted), min(t + 2, len(sizes))):
-                posted.append(self._post(sizes[u], d, dtype, device))
+                posted.append(self._post(sizes[u], shape, dtype, device))
             works, batch = posted.popleft()
             self._wait(works, f"receiving from rank {self.rank - 1}")
             yield batch
 
     def _post(
-        self, b: int, d: int, dtype: torch.dtype, device: torch.device
+        self, b: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> tuple[list[dist.Work], tuple[Tensor, Tensor]]:
         batch = (
-            torch.empty(b, d, dtype=dtype, device=device),
+            torch.empty(b, *shape, dtype=dtype, device=device),
             torch.empty(b, dtype=torch.long, device=device),
         )
         tag = 2 * (self._received % 2)

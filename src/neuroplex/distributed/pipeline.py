@@ -54,6 +54,7 @@ from neuroplex.distributed.parallel import (
 )
 from neuroplex.errors import ConfigError, NeuroplexError
 from neuroplex.methods.local import Local
+from neuroplex.network import stage_out_shape
 from neuroplex.train.checkpoint import INDEX, checkpoint_root
 from neuroplex.train.evaluate import evaluate_splits
 from neuroplex.train.loop import EpochTotals, epoch_batches, finish_epoch, run_epochs, train_batch
@@ -259,9 +260,9 @@ class StageGroup:
                 s.data.train_batch(idx, (s.cfg.seed, epoch, done_steps + i))
                 for i, idx in enumerate(batches)
             )
-        d = s.model.stages[self.stages.start - 1].d_out
+        shape = stage_out_shape(s.model.stages[self.stages.start - 1])
         dtype = next(s.model.parameters()).dtype
-        return self.pipe.receive([len(idx) for idx in batches], d, dtype, s.device)
+        return self.pipe.receive([len(idx) for idx in batches], shape, dtype, s.device)
 
     def part(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
         """State this process trains: per stage, (stage + aux/head, optimizer) state dicts."""
