@@ -394,6 +394,12 @@ class AuxConfig(StrictModel):
         description="augmented: end: uniform steps ending at the last layer (AugLocal's code); "
         "spread: evenly spaced from the first later layer to the last",
     )
+    reduce: Literal["network", "avg"] = Field(
+        "network",
+        description="augmented on feature maps: how the aux net's last map becomes a vector; "
+        "network: as the network does it (its next pool or flatten stage; AugLocal's aux nets "
+        "end in its ResNets' own avgpool + fc head); avg: global average pool",
+    )
     momentum: float = Field(0.995, ge=0, lt=1, description="momentum: EMA decay")
 
 

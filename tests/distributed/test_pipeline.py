@@ -203,6 +203,7 @@ def tiny_conv(image_file, *extra: str):
         [
             "data.name=images",
             f"data.path={image_file}",
+            "data.shape=image",
             f"model.stages={CONV_STAGES}",
             "train.method=local",
             "train.aux.kind=augmented",

@@ -154,7 +154,8 @@ def test_augmented_conv_aux_nets_follow_auglocals_depth_picks_and_widths():
         " {kind: conv, channels: 8, layers: 2}, {kind: conv, channels: 16, kernel: 5, pool: avg},"
         " {kind: conv, channels: 16}, {kind: pool}]"
     )
-    # the network's layers: (channels, kernel, pool); stage s ends at layer last_layers[s]
+    # the network's layers: (channels, kernel, pool); stage s ends at layer last_layers[s];
+    # layers 1 and 4 halve the map (2x2 pools)
     layers = [(4, 3, "none"), (8, 5, "max"), (8, 3, "none"), (8, 3, "none"), (16, 5, "avg"),
               (16, 3, "none")]  # fmt: skip
     last_layers = [0, 1, 3, 4, 5]
@@ -162,16 +163,28 @@ def test_augmented_conv_aux_nets_follow_auglocals_depth_picks_and_widths():
     for s, aux in enumerate(method.aux):
         depth, picks = auglocal_reference(s, 6, last_layers, len(layers))
         blocks = [m for m in aux if isinstance(m, ConvBlock)]
-        want = [(layers[i][0] // 2, layers[i][1], layers[i][2]) for i in picks]
-        got = [(b.conv.out_channels, b.conv.kernel_size[0], POOL[type(b.pool)]) for b in blocks]
+        # a skipped pooling layer's downsampling becomes the next copy's stride
+        previous = [last_layers[s], *picks]  # each pick's predecessor (zip drops the last)
+        strides = [2 ** sum(layers[j][2] != "none" for j in range(p + 1, i))
+                   for p, i in zip(previous, picks, strict=False)]  # fmt: skip
+        want = [
+            (layers[i][0] // 2, layers[i][1], layers[i][2], st)
+            for i, st in zip(picks, strides, strict=True)
+        ]
+        got = [
+            (b.conv.out_channels, b.conv.kernel_size[0], POOL[type(b.pool)], b.conv.stride[0])
+            for b in blocks
+        ]
         assert got == want, s
         has_bn = any(isinstance(m, nn.BatchNorm1d) for m in aux)
         assert has_bn == (depth <= 1)
         assert aux[-1].in_features == (want[-1][0] if want else 16)
-    # by hand: stage 0 depth 3 -> layers 2, 3, 5; stage 1 depth 3 -> 2, 4, 5; stage 2 depth 2 ->
-    # 4, 5; stage 3 -> 5; stage 4 has no later layer left
+    # by hand: stage 0 depth 3 -> layers 2, 3, 5 (strides 2, 1, 2: layers 1 and 4 skipped);
+    # stage 1 depth 3 -> 2, 4, 5; stage 2 depth 2 -> 4, 5; stage 3 -> 5; stage 4: none left
     counts = [sum(isinstance(m, ConvBlock) for m in aux) for aux in method.aux]
     assert counts == [3, 3, 2, 1, 0]
+    assert [b.conv.stride[0] for b in method.aux[0] if isinstance(b, ConvBlock)] == [2, 1, 2]
+    assert method.aux[0][2](torch.randn(1, 4, 4, 4)).shape == (1, 8, 2, 2)  # the net's 2x2
 
 
 def test_augmented_residual_aux_net_copies_the_blocks_strides():
@@ -239,3 +252,19 @@ def test_early_exit_on_a_local_conv_run(tmp_path):
     assert report["per_stage_acc"][-1] == report["full"]["acc"]
     for policy in ("jei", "correctness"):
         assert all(1.0 <= p["mean_stages"] <= 3.0 for p in report[policy])
+
+
+@pytest.mark.parametrize(("reduce", "ends"), [("network", "Flatten"), ("avg", "GlobalPool")])
+def test_augmented_aux_nets_make_a_vector_as_the_network_does(reduce, ends):
+    stages = (
+        "model.stages=[{kind: conv, channels: 4, pool: max}, {kind: conv, channels: 6, pool: max},"
+        " {kind: flatten}]"
+    )
+    model, method = make(stages, (1, 8, 8), "augmented", "train.aux.widen=0.5",
+                         f"train.aux.reduce={reduce}")  # fmt: skip
+    # stage 0: a copy of layer 1 (3 channels, 8x8 -> 4x4 -> 2x2 map), then the vector
+    assert [type(m).__name__ for m in method.aux[0]] == ["ConvBlock", ends, "Linear"]
+    assert method.aux[0][-1].in_features == (3 * 2 * 2 if reduce == "network" else 3)
+    # stage 1 has no later layer: with `network` its aux net is shaped as the network's head
+    want = model.head.in_features if reduce == "network" else 6
+    assert method.aux[1][-1].in_features == want == (24 if reduce == "network" else 6)

@@ -6,8 +6,9 @@
   stage (own parameters; dense layers narrowed to ``aux.width``, conv / residual layers to
   ``aux.widen`` × their channels, each with the layer's own kernel, stride, norm, activation and
   pooling), depth decaying linearly with the stage index (``aux.depth_coeff``; layers picked by
-  ``aux.picks``); a feature map then goes through a global average pool (and, at depth ≤ 1, a
-  batch norm, as in AugLocal's code) into a linear classifier;
+  ``aux.picks``); a feature map then becomes a vector as the network makes it (its own pool or
+  flatten stage; ``aux.reduce``), then (at depth ≤ 1, as in AugLocal's code) a batch norm and a
+  linear classifier;
 - ``momentum``: MAN — ``head(LB(h) + EMA(h))``: a trainable copy and an EMA copy of the next
   stage's first block (dense, conv or residual), then the ``mlp`` classifier.
 
@@ -162,12 +163,21 @@ def augmented_picks(layer: int, n_layers: int, depth: int, rule: str) -> list[in
 
 
 class Layer(NamedTuple):
-    """One layer of the network as AugLocal models it: its stage's config, whether it is the
-    stage's first layer (which carries the stage's stride), and its stage's index."""
+    """One layer of the network as AugLocal models it: its stage's config and whether it is the
+    stage's first layer (which carries the stage's stride)."""
 
     cfg: Any
     first: bool
-    stage: int
+
+    @property
+    def stride(self) -> int:
+        return getattr(self.cfg, "stride", 1) if self.first else 1
+
+    @property
+    def downsampling(self) -> int:
+        """By how much the layer shrinks each spatial size: stride × pooling window."""
+        pool = getattr(self.cfg, "pool", "none") != "none"
+        return self.stride * (self.cfg.pool_size if pool else 1)
 
 
 def stage_layer_count(cfg: Any) -> int:
@@ -182,24 +192,20 @@ def stage_layer_count(cfg: Any) -> int:
 
 def network_layers(stage_cfgs: list[Any]) -> list[Layer]:
     """Every layer of the network, in order."""
-    return [
-        Layer(cfg, i == 0, s)
-        for s, cfg in enumerate(stage_cfgs)
-        for i in range(stage_layer_count(cfg))
-    ]
+    return [Layer(cfg, i == 0) for cfg in stage_cfgs for i in range(stage_layer_count(cfg))]
 
 
 def widened(channels: int, widen: float) -> int:
     return max(1, round(channels * widen))
 
 
-def aux_layer(layer: Layer, in_shape: Shape, aux: AuxConfig) -> nn.Module:
+def aux_layer(layer: Layer, in_shape: Shape, aux: AuxConfig, carry: int = 1) -> nn.Module:
     """A fresh layer modelled on ``layer``, reading ``in_shape``: a conv layer (or residual
-    block) with ``aux.widen`` × its channels and its kernel, stride, norm, activation and
-    pooling; a dense layer of width ``aux.width`` with its norm and activation; any other vector
-    layer as a LayerNorm / GELU dense layer. Group norm keeps as many groups as divide the
-    narrowed channels."""
-    cfg, stride = layer.cfg, getattr(layer.cfg, "stride", 1) if layer.first else 1
+    block) with ``aux.widen`` × its channels and its kernel, norm, activation and pooling, its
+    stride times ``carry`` (the downsampling of the layers skipped before it); a dense layer of
+    width ``aux.width`` with its norm and activation; any other vector layer as a LayerNorm /
+    GELU dense layer. Group norm keeps as many groups as divide the narrowed channels."""
+    cfg, stride = layer.cfg, layer.stride * carry
     if isinstance(cfg, ConvStageConfig | ResidualStageConfig):
         n, c_out = len(in_shape) - 1, widened(cfg.channels, aux.widen)
         norm = conv_norm(cfg.norm, n, math.gcd(cfg.groups, c_out))
@@ -229,21 +235,30 @@ def build_augmented(
 ) -> nn.Module:
     """AugLocal aux net of ``stage`` (``[b, *in_shape] -> [b, k]``): layers modelled on the
     picked later layers, a vector layer reached through the network's own pool or flatten; a
-    feature map at the end is average-pooled (then batch-normed at depth ≤ 1, as AugLocal's
-    ``unifSamp`` head); a linear classifier."""
+    feature map at the end made a vector as the network does it (``aux.reduce: network``:
+    AugLocal's aux nets end in its ResNets' own head, average pool + linear) or by a global
+    average pool (``avg``), then batch-normed at depth ≤ 1 (as AugLocal's ``unifSamp`` head);
+    a linear classifier. The downsampling of the layers skipped between two
+    picks goes into the next copied conv's stride, so the aux net reaches the network's
+    resolution at each picked layer (AugLocal's code strides where the skipped layers double the
+    channels, its ResNets' downsampling points)."""
     layers = network_layers(stage_cfgs)
     last = len(network_layers(stage_cfgs[: stage + 1])) - 1
     depth = augmented_depth(stage, len(stage_cfgs), aux.max_depth, aux.depth_coeff)
     parts: list[nn.Module] = []
-    shape = in_shape
+    shape, previous = in_shape, last
     for i in augmented_picks(last, len(layers), depth, aux.picks):
         if len(shape) > 1 and not isinstance(layers[i].cfg, ConvStageConfig | ResidualStageConfig):
             parts.append(reduction(stage_cfgs, stage, shape))
             shape = probe_shape(parts[-1], shape)
-        parts.append(aux_layer(layers[i], shape, aux))
-        shape = probe_shape(parts[-1], shape)
+        carry = math.prod(layers[j].downsampling for j in range(previous + 1, i))
+        parts.append(aux_layer(layers[i], shape, aux, carry))
+        shape, previous = probe_shape(parts[-1], shape), i
     if len(shape) > 1:
-        parts.append(GlobalPool(shape))
+        parts.append(
+            GlobalPool(shape) if aux.reduce == "avg" else reduction(stage_cfgs, stage, shape)
+        )
+        shape = probe_shape(parts[-1], shape)
         parts += [nn.BatchNorm1d(shape[0])] if depth <= 1 else []
     return nn.Sequential(*parts, nn.Linear(shape[0], n_classes))
 
