@@ -50,6 +50,7 @@ CONFIGS = [
     "configs/fmnist_mlp.yaml",  # needs the Fashion-MNIST IDX files (README: Datasets)
     "configs/fmnist_cnn.yaml",
     "configs/fmnist_modular_cnn.yaml",
+    "configs/fmnist_local.yaml",  # the CNN of fmnist_cnn trained by AugLocal
 ]
 
 

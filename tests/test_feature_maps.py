@@ -86,8 +86,6 @@ def test_conv_config_errors():
         load_config(None, ["model.stages=[{kind: conv, channels: 12, norm: groupnorm}]"])
     with pytest.raises(ConfigError, match=r"model.stages.0.pool = 'min'"):
         load_config(None, ["model.stages=[{kind: conv, pool: min}]"])
-    with pytest.raises(ConfigError, match="model.stages.0.kind = 'conv': not supported yet with"):
-        load_config(None, ["model.stages=[{kind: conv}, {kind: pool}]", "train.method=local"])
     with pytest.raises(ConfigError, match="shrink the feature map"):
         model_of("[{kind: conv, layers: 4, pool: max}, {kind: flatten}]", (1, 8, 8))
 

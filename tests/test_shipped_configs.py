@@ -47,3 +47,15 @@ def test_the_dense_twin_wires_every_ensemble_to_every_other_and_changes_nothing_
     assert all(block.linear.wiring.density == 1.0 for block in built)
     designed = build_network(modular.model, *MNIST1D).stages[i].ensemble_labels
     assert np.array_equal(built.ensemble_labels, designed)  # the same groups to compare with
+
+
+def test_fmnist_local_is_the_fmnist_cnn_trained_by_auglocal():
+    # docs/benchmarks.md compares the two runs: only the method and its aux nets may differ
+    cnn, local = (
+        load_config(CONFIGS / "fmnist_cnn.yaml"),
+        load_config(CONFIGS / "fmnist_local.yaml"),
+    )
+    assert local.model == cnn.model and local.data == cnn.data and local.seed == cnn.seed
+    assert local.train.method == "local" and local.train.aux.kind == "augmented"
+    as_backprop = local.train.model_copy(update={"method": "backprop", "aux": cnn.train.aux})
+    assert as_backprop == cnn.train

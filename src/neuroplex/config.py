@@ -372,7 +372,15 @@ class AuxConfig(StrictModel):
         "of later layers; momentum: MAN, trainable + EMA copy of the next stage's first layer",
     )
     hidden: int = Field(128, ge=1, description="mlp, momentum: hidden width of the classifier")
-    width: int = Field(56, ge=1, description="augmented: width of the copied later layers")
+    width: int = Field(
+        56, ge=1, description="augmented: width of the copied later vector (dense) layers"
+    )
+    widen: float = Field(
+        1.0,
+        gt=0,
+        description="augmented: channels of a copied conv / residual layer = widen x its own "
+        "channels (AugLocal's aux_net_widen; 1 in its scripts)",
+    )
     max_depth: int = Field(
         3, ge=1, description="augmented: layers in stage 0's aux net, decaying linearly"
     )
@@ -387,6 +395,12 @@ class AuxConfig(StrictModel):
         "end",
         description="augmented: end: uniform steps ending at the last layer (AugLocal's code); "
         "spread: evenly spaced from the first later layer to the last",
+    )
+    reduce: Literal["network", "avg"] = Field(
+        "network",
+        description="augmented on feature maps: how the aux net's last map becomes a vector; "
+        "network: as the network does it (its next pool or flatten stage; AugLocal's aux nets "
+        "end in its ResNets' own avgpool + fc head); avg: global average pool",
     )
     momentum: float = Field(0.995, ge=0, lt=1, description="momentum: EMA decay")
 
@@ -639,23 +653,8 @@ class Config(StrictModel):
             )
         return self
 
-    @model_validator(mode="after")
-    def _local_needs_vector_stages(self) -> Config:
-        if self.train.method != "local":
-            return self
-        for i, stage in enumerate(self.model.stages):
-            if stage.kind in FEATURE_MAP_KINDS:
-                raise ValueError(
-                    f"model.stages.{i}.kind = {stage.kind!r}: not supported yet with "
-                    "train.method = 'local' (no auxiliary networks for feature maps); use "
-                    "train.method: backprop"
-                )
-        return self
-
 
 BLOCK_KINDS = ("hebbian", "block_set", "block_rigl")  # plasticity kinds that rewire ensembles
-# stage kinds that read feature maps
-FEATURE_MAP_KINDS = ("conv", "residual", "pool", "flatten", "sparse_conv")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
@@ -156,3 +157,54 @@ def test_sigterm_writes_an_interrupted_summary_exits_143_and_resumes(
     assert summary["status"] == "interrupted" and "--resume" in summary["error"]
     assert train(cfg, run_dir, resume=True)["status"] == "completed"
     same_run(run_dir, sequential_run(tiny("train.epochs=40"), tmp_path / "sequential"))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv stages: feature maps [b, c, h, w] sent between the processes
+
+CONV_STAGES = (
+    "[{kind: conv, channels: 4, pool: max}, {kind: residual, channels: 6, blocks: 1, stride: 2},"
+    " {kind: pool}]"
+)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    """A small learnable image .npz (uint8 8x8, class = the brighter half of the image)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(240, 8, 8), dtype=np.uint8)
+    y = (x[:, :4].mean(axis=(1, 2)) > x[:, 4:].mean(axis=(1, 2))).astype(np.int64)
+    path = tmp_path_factory.mktemp("images") / "tiny_images.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def tiny_conv(image_file, *extra: str):
+    return load_config(
+        None,
+        [
+            "data.name=images",
+            f"data.path={image_file}",
+            "data.shape=image",
+            f"model.stages={CONV_STAGES}",
+            "train.method=local",
+            "train.aux.kind=augmented",
+            "train.aux.widen=0.5",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.lr=0.01",
+            "threads=1",
+            *extra,
+        ],
+    )
+
+
+def test_two_processes_on_conv_stages_give_the_sequential_parameters(
+    image_file, sequential_run, same_run, tmp_path
+):
+    sequential = sequential_run(tiny_conv(image_file), tmp_path / "sequential")
+    summary = train(tiny_conv(image_file, "train.parallel=2"), tmp_path / "pipeline")
+    assert summary["status"] == "completed" and summary["ranks"] == 2
+    first = json.loads((tmp_path / "pipeline" / PLAN).read_text())["groups"][0]
+    assert first[1] in (0, 1)  # rank 0 sends a feature map (the pool stage comes last)
+    same_run(tmp_path / "pipeline", sequential)

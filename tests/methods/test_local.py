@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from neuroplex.config import load_config
 from neuroplex.files import read_jsonl
-from neuroplex.methods.local import Local, MomentumAux, augmented_depth, augmented_picks
+from neuroplex.methods.aux import MomentumAux, augmented_depth, augmented_picks
+from neuroplex.methods.local import Local
 from neuroplex.network import build_network
 from neuroplex.train import loop
 from neuroplex.train.memory import ActivationMeter

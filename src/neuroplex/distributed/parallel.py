@@ -213,10 +213,10 @@ class Pipe:
     def receive(
         self, sizes: list[int], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches ``(h [b, *shape], y [b])`` of the given sizes ``b`` from the previous group,
-        in order. Double buffering: batch t + 1 is being received while the caller trains on
-        batch t (and while this waits for batch t, so the sender never waits for this process to
-        wake up)."""
+        """Batches ``(h [b, *shape], y [b])`` of the given sizes from the previous rank, in order
+        (``shape``: one sample's, a vector ``(d,)`` or a feature map ``(c, *s)``).
+        Double buffering: batch t + 1 is being received while the caller trains on batch t (and
+        while this waits for batch t, so the sender never waits for this process to wake up)."""
         posted: deque[tuple[list[dist.Work], tuple[Tensor, Tensor]]] = deque()
         for t in range(len(sizes)):
             for u in range(t + len(posted), min(t + 2, len(sizes))):

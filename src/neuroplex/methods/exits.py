@@ -16,7 +16,8 @@ Three policies decide, per input, after which stage to stop:
   right; with cost weight ``λ`` it exits when P(correct) ≥ 1 − λ (swept after training).
 
 Shape legend: ``n`` samples, ``s`` stages (= exits, the last is the network's head), ``d`` stage
-width, ``c`` classes.
+width (channels of a feature map), ``c`` classes. Exits work on feature-map stages alike: the
+exit classifiers are the aux nets, which read the stage output as it is.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ MIN_LR_RATIO = 0.02
 
 
 class ExitOutputs(NamedTuple):
-    features: list[Tensor]  # s x [n, d_s]
+    features: list[Tensor]  # s x [n, *out_shape_s]
     probs: Tensor  # [s, n, c]: each stage's classifier (aux heads, then the real head)
 
 
@@ -298,9 +299,10 @@ def jei_point(jei: JeiExits, out: ExitOutputs, y: Tensor) -> dict[str, float]:
 
 
 class CorrectnessGate(nn.Module):
-    """P(exiting here is correct) from a stage's features, its top probability and entropy.
+    """P(exiting here is correct) from a stage's features (a feature map averaged over its
+    positions), its top probability and entropy.
 
-    Shapes: ``[n, d]``, ``[n, c] -> [n]``.
+    Shapes: ``[n, d]`` or ``[n, d, *positions]``, ``[n, c] -> [n]``.
     """
 
     def __init__(self, d: int, hidden: int = 16) -> None:
@@ -310,7 +312,8 @@ class CorrectnessGate(nn.Module):
     def forward(self, features: Tensor, probs: Tensor) -> Tensor:
         ent = entropy(probs)[:, None]
         top = probs.max(dim=-1, keepdim=True).values
-        return self.net(torch.cat([features, top, ent], dim=-1)).squeeze(-1)
+        units = features.flatten(2).mean(-1) if features.dim() > 2 else features  # [n, d]
+        return self.net(torch.cat([units, top, ent], dim=-1)).squeeze(-1)
 
 
 def train_correctness_gates(
@@ -398,7 +401,7 @@ def exit_report(
 ) -> dict[str, Any]:
     """All policies on ``data["eval"]``, settings chosen on ``data["val"]``; the gates (JEI and
     correctness) trained on ``data["gates"]``, the JEI exit classifiers on
-    ``data["classifiers"]``. Each split is ``(x [n, features], y [n])``."""
+    ``data["classifiers"]``. Each split is ``(x [n, *in_shape], y [n])``."""
     out = {k: (exit_outputs(model, heads, x), y) for k, (x, y) in data.items()}
     gates = train_correctness_gates(*out["gates"], seed=seed)
     jei = {lam: train_jei(heads, out, lam, cfg, seed) for lam in cfg.lambdas}
