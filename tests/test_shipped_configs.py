@@ -47,3 +47,22 @@ def test_the_dense_twin_wires_every_ensemble_to_every_other_and_changes_nothing_
     assert all(block.linear.wiring.density == 1.0 for block in built)
     designed = build_network(modular.model, *MNIST1D).stages[i].ensemble_labels
     assert np.array_equal(built.ensemble_labels, designed)  # the same groups to compare with
+
+
+def test_fmnist_modular_is_sparse_and_its_dense_twins_match_width_and_parameters():
+    modular, mlp, small = (
+        load_config(CONFIGS / f"{name}.yaml")
+        for name in ("fmnist_modular", "fmnist_mlp", "fmnist_mlp_small")
+    )
+    assert modular.train == mlp.train == small.train and modular.data == mlp.data == small.data
+    net = build_network(modular.model, 784, 10)
+    layers = [block.linear for stage in net.stages for block in stage]
+    assert all(linear.wiring.density <= 0.25 for linear in layers)
+    assert [s.width for s in modular.model.stages] == [s.width for s in mlp.model.stages]
+    # the dense twin's parameters by hand: linear + layernorm per stage, then the head
+    dims = [784] + [s.width for s in small.model.stages]
+    pairs = zip(dims[:-1], dims[1:], strict=True)
+    dense = sum(a * b + b + 2 * b for a, b in pairs) + dims[-1] * 10 + 10
+    assert build_network(small.model, 784, 10).num_parameters() == dense
+    active = net.num_active_parameters()
+    assert abs(dense - active) / active < 0.02
