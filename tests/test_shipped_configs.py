@@ -54,7 +54,9 @@ def test_fmnist_modular_is_sparse_and_its_dense_twins_match_width_and_parameters
         load_config(CONFIGS / f"{name}.yaml")
         for name in ("fmnist_modular", "fmnist_mlp", "fmnist_mlp_small")
     )
-    assert modular.train == mlp.train == small.train and modular.data == mlp.data == small.data
+    assert modular.train == small.train and modular.data == mlp.data == small.data
+    # the modular config trains as fmnist_mlp did before it went to 24000 steps
+    assert modular.train == mlp.train.model_copy(update={"steps": 16000})
     net = build_network(modular.model, 784, 10)
     layers = [block.linear for stage in net.stages for block in stage]
     assert all(linear.wiring.density <= 0.25 for linear in layers)
