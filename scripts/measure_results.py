@@ -48,6 +48,8 @@ CONFIGS = [
     "configs/digits_mlp.yaml",
     "configs/mnist1d_cnn.yaml",
     "configs/fmnist_mlp.yaml",  # needs the Fashion-MNIST IDX files (README: Datasets)
+    "configs/fmnist_modular.yaml",
+    "configs/fmnist_mlp_small.yaml",  # fmnist_modular's equal-parameter dense twin
     "configs/fmnist_cnn.yaml",
     "configs/fmnist_modular_cnn.yaml",
     "configs/fmnist_local.yaml",  # the CNN of fmnist_cnn trained by AugLocal

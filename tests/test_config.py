@@ -90,8 +90,14 @@ BAD = [
     (
         None,
         ["model.stages=[{kind: sparse, wiring: random}]", "train.plasticity.kind=block_set"],
-        ["train.plasticity.kind = 'block_set'", "model.stages.0 has wiring: random"],
+        ["train.plasticity.kind = 'block_set'", "model.stages.0 has a unit-mask wiring"],
     ),
+    (
+        None,
+        ["model.stages=[{kind: sparse, p_inter: 0.1}]", "train.plasticity.kind=hebbian"],
+        ["train.plasticity.kind = 'hebbian'", "modular with p_inter > 0", "use kind set"],
+    ),
+    (None, ["model.stages=[{kind: sparse, p_inter: 1.5}]"], ["p_inter = 1.5", "less than"]),
     (
         None,
         ["model.stages=[{kind: sparse}]", "train.plasticity={}", "train.method=local"]

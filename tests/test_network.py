@@ -52,3 +52,18 @@ def test_register_stage_refuses_duplicates():
 def test_network_needs_a_stage():
     with pytest.raises(ValueError):
         Network([], nn.Identity())
+
+
+def test_sparse_stage_with_inter_links_runs_its_unit_mask():
+    stage = "{kind: sparse, width: 16, ensembles: 4, m: 0, p_inter: 0.25, norm: none}"
+    cfg = load_config(None, [f"model.stages=[{stage}]"])
+    torch.manual_seed(0)
+    linear = build_network(cfg.model, in_shape=12, n_classes=3).stages[0][0].linear
+    assert linear.path == "masked-dense" and linear.wiring.in_sizes == (3, 3, 3, 3)
+    mask = torch.as_tensor(linear.wiring.to_mask(), dtype=torch.float64)
+    own = torch.block_diag(*[torch.ones(4, 3, dtype=torch.float64)] * 4)
+    assert (mask[own.bool()] == 1).all() and 0 < mask[~own.bool()].mean() < 1
+    linear = linear.double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = x @ (linear.weight * mask).T + linear.bias
+    assert torch.allclose(linear(x), expected)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from neuroplex.config import SparseStageConfig, load_config
 from neuroplex.layers.stages import GatedStage, SparseStage
@@ -59,3 +60,25 @@ def test_fmnist_local_is_the_fmnist_cnn_trained_by_auglocal():
     assert local.train.method == "local" and local.train.aux.kind == "augmented"
     as_backprop = local.train.model_copy(update={"method": "backprop", "aux": cnn.train.aux})
     assert as_backprop == cnn.train
+
+
+def test_fmnist_modular_is_sparse_and_its_dense_twins_match_width_and_parameters():
+    modular, mlp, small = (
+        load_config(CONFIGS / f"{name}.yaml")
+        for name in ("fmnist_modular", "fmnist_mlp", "fmnist_mlp_small")
+    )
+    assert modular.train == small.train and modular.data == mlp.data == small.data
+    # the modular config trains as fmnist_mlp did before it went to 24000 steps
+    assert modular.train == mlp.train.model_copy(update={"steps": 16000})
+    torch.manual_seed(0)  # the wirings' draws follow the run's seed
+    net = build_network(modular.model, 784, 10)
+    masks = [block.linear.wiring.to_mask() for stage in net.stages for block in stage]
+    assert sum(m.sum() for m in masks) / sum(m.size for m in masks) <= 0.25
+    assert [s.width for s in modular.model.stages] == [s.width for s in mlp.model.stages]
+    # the dense twin's parameters by hand: linear + layernorm per stage, then the head
+    dims = [784] + [s.width for s in small.model.stages]
+    pairs = zip(dims[:-1], dims[1:], strict=True)
+    dense = sum(a * b + b + 2 * b for a, b in pairs) + dims[-1] * 10 + 10
+    assert build_network(small.model, 784, 10).num_parameters() == dense
+    active = net.num_active_parameters()
+    assert abs(dense - active) / active < 0.02

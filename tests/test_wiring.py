@@ -70,6 +70,32 @@ def test_modular_uneven_sizes_differ_by_one():
     assert w.to_mask().shape == (7, 10)
 
 
+def test_modular_inter_links_keep_blocks_and_draw_the_rest_at_p_inter():
+    g, m, p = 4, 1, 0.3
+    w = W.modular(400, 320, g, m, "ring", seed=3, p_inter=p)
+    assert not w.is_block and (w.in_sizes, w.out_sizes) == ((100,) * 4, (80,) * 4)
+    mask = w.to_mask()
+    linked = np.zeros_like(mask)  # output ensemble j reads j and j+1 in full (ring, m = 1)
+    for j in range(g):
+        for i in (j, (j + 1) % g):
+            linked[80 * j : 80 * (j + 1), 100 * i : 100 * (i + 1)] = True
+    assert mask[linked].all()
+    drawn = mask[~linked].mean()  # 64,000 Bernoulli(0.3) draws: std 0.0018
+    assert abs(drawn - p) < 0.01
+    assert w.density == pytest.approx((m + 1) / g + (g - m - 1) / g * drawn)
+
+
+def test_modular_inter_links_limits_and_seeds():
+    blocks = W.modular(24, 16, 4, 0, seed=1)
+    assert W.modular(24, 16, 4, 0, seed=1, p_inter=0.0) == blocks
+    assert W.modular(24, 16, 4, 0, seed=1, p_inter=1.0).to_mask().all()
+    a = W.modular(24, 16, 4, 0, seed=1, p_inter=0.5)
+    assert a == W.modular(24, 16, 4, 0, seed=1, p_inter=0.5)
+    assert a != W.modular(24, 16, 4, 0, seed=2, p_inter=0.5)
+    with pytest.raises(WiringError, match=r"p_inter = 1\.5 must be a probability in \[0, 1\]"):
+        W.modular(24, 16, 4, 0, p_inter=1.5)
+
+
 def test_random_density_follows_set_formula():
     n_in, n_out, eps = 400, 300, 20
     p = eps * (n_in + n_out) / (n_in * n_out)

@@ -67,6 +67,11 @@ class IdxFilesConfig(StrictModel):
     train_labels: str = Field("train-labels-idx1-ubyte", description="training labels [N]")
     test_images: str = Field("t10k-images-idx3-ubyte", description="test images [M, H, W]")
     test_labels: str = Field("t10k-labels-idx1-ubyte", description="test labels [M]")
+    transpose: bool = Field(
+        False,
+        description="swap each image's rows and columns as read: EMNIST's IDX files store "
+        "every image transposed (column by column), so they need true",
+    )
 
 
 class AugmentConfig(StrictModel):
@@ -240,6 +245,13 @@ class SparseStageConfig(StrictModel):
     ensembles: int = Field(8, ge=1, description="modular: ensembles on each side")
     m: int = Field(1, ge=0, description="modular: other input ensembles per output ensemble")
     pattern: Literal["ring", "random", "shuffle"] = Field("ring", description="modular pattern")
+    p_inter: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="modular: probability of each unit connection between ensembles that are "
+        "not linked (G2GNet's sparse inter-module links); > 0 makes a unit-mask wiring",
+    )
     epsilon: float = Field(20.0, gt=0, description="random: SET density parameter")
     hypergraph: Path | None = Field(None, description="hypergraph: JSON incidence file")
     norm: Literal["layernorm", "batchnorm", "none"] = Field("layernorm")
@@ -617,11 +629,12 @@ class Config(StrictModel):
                 "sparse_conv stage, which rewires channel ensembles only; use kind block_set, "
                 "block_rigl or hebbian"
             )
-        unit = [i for i, s in enumerate(self.model.stages) if getattr(s, "wiring", "") == "random"]
+        unit = [i for i, s in enumerate(self.model.stages) if _unit_mask_stage(s)]
         if plasticity.kind in BLOCK_KINDS and unit:
             raise ValueError(
                 f"train.plasticity.kind = {plasticity.kind!r}: needs ensemble (block) wirings, "
-                f"but model.stages.{unit[0]} has wiring: random; use kind set or rigl"
+                f"but model.stages.{unit[0]} has a unit-mask wiring (wiring: random, or "
+                "modular with p_inter > 0); use kind set or rigl"
             )
         return self
 
@@ -655,6 +668,12 @@ class Config(StrictModel):
 
 
 BLOCK_KINDS = ("hebbian", "block_set", "block_rigl")  # plasticity kinds that rewire ensembles
+
+
+def _unit_mask_stage(stage: object) -> bool:
+    """Whether a stage's wiring is a unit mask (random, or modular with inter-module links)."""
+    wiring = getattr(stage, "wiring", "")
+    return wiring == "random" or (wiring == "modular" and getattr(stage, "p_inter", 0) > 0)
 
 
 # ---------------------------------------------------------------------------------------------

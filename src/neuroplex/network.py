@@ -176,7 +176,10 @@ def build_wiring(
     cfg: SparseStageConfig | SparseConvStageConfig, n_in: int, n_out: int, seed: int
 ) -> Wiring:
     if cfg.wiring == "modular":
-        return wiring.modular(n_in, n_out, cfg.ensembles, cfg.m, cfg.pattern, seed=seed)
+        p_inter = cfg.p_inter if isinstance(cfg, SparseStageConfig) else 0.0
+        return wiring.modular(
+            n_in, n_out, cfg.ensembles, cfg.m, cfg.pattern, seed=seed, p_inter=p_inter
+        )
     if cfg.wiring == "random":
         return wiring.random(n_in, n_out, cfg.epsilon, seed=seed)
     if cfg.wiring == "hypergraph":

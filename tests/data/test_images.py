@@ -120,6 +120,21 @@ def test_idx_dataset_with_named_files_and_label_values_as_classes(tmp_path):
     assert ds.test.y.tolist() == [0, 1, 2] * 3 and ds.val is None
 
 
+def test_idx_transpose_reads_emnist_column_major_images(tmp_path):
+    rng = np.random.default_rng(2)
+    upright = {key: rng.integers(0, 256, (n, 4, 7)) for key, n in (("train", 20), ("test", 5))}
+    for key, x in upright.items():  # EMNIST stores image [r, c] at byte c * rows + r
+        stored = np.stack([img.flatten(order="F").reshape(7, 4) for img in x])
+        write_idx(tmp_path / NAMES[f"{key}_images"], stored)
+        write_idx(tmp_path / NAMES[f"{key}_labels"], np.arange(len(x)) % 2)
+    cfg = {"name": "idx", "root": tmp_path, "shape": "image", "standardize": False}
+    ds = load_dataset(DataConfig(**cfg, val_fraction=0, idx_files={"transpose": True}))
+    assert ds.input_shape == (1, 4, 7)
+    assert np.array_equal(np.asarray(ds.test.x)[:, 0], upright["test"])
+    as_stored = load_dataset(DataConfig(**cfg, val_fraction=0))
+    assert as_stored.input_shape == (1, 7, 4)
+
+
 def test_idx_needs_a_root():
     with pytest.raises(ValueError, match="root: missing"):
         DataConfig(name="idx")

@@ -250,3 +250,17 @@ def test_hebbian_keeps_equal_fan_in_and_the_block_gather_path(tmp_path, monkeypa
 def test_prune_rule_is_only_for_set_and_rigl():
     with pytest.raises(ConfigError, match="prune_rule = 'magnitude': applies to kind set or rigl"):
         sparse_config("hebbian", "train.plasticity.prune_rule=magnitude")
+
+
+def test_set_rewires_modular_stages_with_inter_links_and_keeps_their_ensembles(tmp_path):
+    stage = "{kind: sparse, width: 32, ensembles: 4, m: 0, p_inter: 0.2}"
+    cfg = sparse_config("set", f"model.stages=[{stage}, {stage}]")
+    s = build_setup(cfg)
+    layers = sparse_layers(s.model)
+    initial = {name: layer.wiring for name, layer in layers.items()}
+    run_steps(s, 5, tmp_path)
+    for name, layer in layers.items():
+        before, after = initial[name], layer.wiring
+        assert after != before and after.to_mask().sum() == before.to_mask().sum()
+        assert (after.in_sizes, after.out_sizes) == (before.in_sizes, before.out_sizes)
+        assert layer.path == "masked-dense"

@@ -84,8 +84,8 @@ def read_idx_dataset(
             raise DataError(
                 f"{root / where}: file not found (nor with .gz); set data.idx_files.{name}"
             )
-    train = _idx_pair(paths["train_images"], paths["train_labels"])
-    test = _idx_pair(paths["test_images"], paths["test_labels"])
+    train = _idx_pair(paths["train_images"], paths["train_labels"], files.transpose)
+    test = _idx_pair(paths["test_images"], paths["test_labels"], files.transpose)
     values = np.unique(np.concatenate([train[1], test[1]]))
     if class_names is not None and not set(values.tolist()) <= set(range(len(class_names))):
         raise DataError(
@@ -109,8 +109,9 @@ def _idx_paths(root: Path, files: IdxFilesConfig) -> dict[str, Path | None]:
     return found
 
 
-def _idx_pair(images_path: Path, labels_path: Path) -> Arrays:
-    """Images ``[n, 1, h, w]`` uint8 and labels ``[n]`` int64 of an images/labels IDX pair."""
+def _idx_pair(images_path: Path, labels_path: Path, transpose: bool) -> Arrays:
+    """Images ``[n, 1, h, w]`` uint8 and labels ``[n]`` int64 of an images/labels IDX pair;
+    ``transpose``: the file stores ``[n, w, h]`` (EMNIST), swapped back here."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
@@ -126,6 +127,8 @@ def _idx_pair(images_path: Path, labels_path: Path) -> Arrays:
         raise DataError(
             f"{labels_path}: {len(labels)} labels, but {images_path} has {len(images)} images"
         )
+    if transpose:
+        images = np.ascontiguousarray(images.transpose(0, 2, 1))
     return images[:, None], labels.astype(np.int64)
 
 

@@ -240,7 +240,8 @@ def describe_datasets() -> list[dict[str, Any]]:
             "features": None,
             "classes": None,
             "description": "MNIST-format IDX files (MNIST, KMNIST, EMNIST...) in data.root, named "
-            "by data.idx_files (train/test images and labels, .gz optional)",
+            "by data.idx_files (train/test images and labels, .gz optional; EMNIST: "
+            "data.idx_files.transpose: true)",
         },
         {
             "name": "images",

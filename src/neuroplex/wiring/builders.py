@@ -29,7 +29,13 @@ def dense(n_in: int, n_out: int) -> Wiring:
 
 
 def modular(
-    n_in: int, n_out: int, ensembles: int, m: int, pattern: str = "ring", seed: int = 0
+    n_in: int,
+    n_out: int,
+    ensembles: int,
+    m: int,
+    pattern: str = "ring",
+    seed: int = 0,
+    p_inter: float = 0.0,
 ) -> Wiring:
     """G2G ensemble-to-ensemble wiring: ``ensembles`` ensembles on each side.
 
@@ -44,6 +50,12 @@ def modular(
 
     When a width is not divisible by ``ensembles`` the first ``width % ensembles``
     ensembles of that side get one unit more than the rest.
+
+    ``p_inter > 0`` adds G2GNet's sparse links between modules (its authors' code, with
+    ``p_intra = 1`` and index grouping): each unit connection from an input ensemble that is not
+    linked to output ensemble ``j`` exists independently with probability ``p_inter``. The
+    result is a unit-mask wiring on the same ensembles, of density
+    ``(m + 1) / ensembles + (ensembles - m - 1) / ensembles * p_inter`` in expectation.
     """
     _positive(n_in, "n_in"), _positive(n_out, "n_out"), _positive(ensembles, "ensembles")
     for name, width in (("n_in", n_in), ("n_out", n_out)):
@@ -71,7 +83,17 @@ def modular(
         inverse = np.argsort(perm)
         others = [inverse[(perm[j] + np.arange(1, m + 1)) % g] for j in range(g)]
     edges = tuple(((int(i),), j) for j in range(g) for i in sorted({j, *map(int, others[j])}))
-    return Wiring(_split(n_in, g), _split(n_out, g), edges)
+    blocks = Wiring(_split(n_in, g), _split(n_out, g), edges)
+    return _with_inter_links(blocks, p_inter, rng) if p_inter else blocks
+
+
+def _with_inter_links(blocks: Wiring, p_inter: float, rng: np.random.Generator) -> Wiring:
+    """``blocks`` plus each missing unit connection with probability ``p_inter``, as a
+    unit mask ``[n_out, n_in]`` on the same ensembles."""
+    if not isinstance(p_inter, Real) or not 0 <= p_inter <= 1:
+        raise WiringError(f"p_inter = {p_inter!r} must be a probability in [0, 1].")
+    draw = rng.random((blocks.n_out, blocks.n_in)) < p_inter
+    return Wiring(blocks.in_sizes, blocks.out_sizes, unit_mask=blocks.to_mask() | draw)
 
 
 def random(n_in: int, n_out: int, epsilon: float, seed: int = 0) -> Wiring:
