@@ -18,8 +18,9 @@ GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mma
 
 def _windows(t: Tensor, g: int, width: int, step: int, offset: int = 0) -> Tensor:
     """``g`` overlapping column windows of ``t [b, m]``, window ``q`` starting at column
-    ``offset + q * step``: a ``[g, b, width]`` view, no copy."""
-    return t.as_strided((g, t.shape[0], width), (step, t.stride(0), 1), t.storage_offset() + offset)
+    ``offset + q * step``: a ``[g, b, width]`` view, no copy (``unfold`` rather than
+    ``as_strided``, which needs the storage offset and breaks ``torch.compile``'s graph)."""
+    return t[:, offset:].unfold(1, width, step)[:, :g].transpose(0, 1)
 
 
 class MaskedLinear(torch.autograd.Function):
@@ -138,6 +139,10 @@ class GatherMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, geo: dict) -> Tensor:
         b, g_out, s_in, s_out = x.shape[0], geo["g_out"], geo["s_in"], geo["s_out"]
+        # detached: torch.export traces this with grad mode on, where out= refuses inputs
+        # that require grad (autograd never sees these ops: backward is written below)
+        x, weight = x.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
         xt = x.t().contiguous()  # [g_in*s_in, b]
         ctx.save_for_backward(xt, weight)
         ctx.geo = geo
