@@ -120,6 +120,7 @@ def bench_sparse(
         int, typer.Option(min=0, help="skip torch.sparse CSR above this batch")
     ] = 256,
     seed: Annotated[int, typer.Option(help="seed of weights, inputs and random wirings")] = 0,
+    device: Annotated[str, typer.Option(help="cpu (process CPU time) or cuda (wall time)")] = "cpu",
     out: Annotated[
         Path, typer.Option(help="JSON output (a .md table is written beside it)")
     ] = Path("docs/bench/sparse.json"),
@@ -139,6 +140,7 @@ def bench_sparse(
         threads=threads,
         csr_max_batch=csr_max_batch,
         seed=seed,
+        device=device,
         out=out,
     )
     print(table(result))
