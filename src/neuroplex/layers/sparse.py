@@ -46,7 +46,6 @@ from neuroplex.layers.sparse_plan import (
     choose_path,
     columns,
     fan_in,
-    fan_out_groups,
     resolve_path,
 )
 from neuroplex.wiring import Wiring, WiringError
@@ -132,10 +131,6 @@ class SparseLinear(nn.Module):
         self.register_buffer("pad_mask", pad_mask, persistent=False)
         if blocks.order is None:
             index("gather", np.maximum(blocks.block_in, 0).reshape(g_out, k))
-            inputs, readers, self.geo["fan_groups"] = fan_out_groups(blocks.block_in, g_in)
-            index("rev_inputs", inputs)
-            index("rev_blocks", readers)
-            index("rev_outputs", readers // k)
             return
         order, ext = blocks.order, np.arange(g_out + k - 1)
         q, u = np.arange(g_out)[:, None], np.arange(k)[None]  # readers of input position q
@@ -250,7 +245,7 @@ class SparseLinear(nn.Module):
             names = ("order", "position", "ext_in", "ext_out", "readers")
             kernel = WindowMatmul
         else:
-            names, kernel = ("gather", "rev_inputs", "rev_blocks", "rev_outputs"), GatherMatmul
+            names, kernel = ("gather",), GatherMatmul
         geo = g | {name: getattr(self, name) for name in (*names, "pad_mask")}
         y = kernel.apply(x, weight, bias, geo)
         return y.index_select(1, self.out_cols) if self.padded else y  # [b, n_out]
@@ -293,6 +288,5 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, .
 # every buffer _build may register: a rebuild drops them all before registering its own
 _STRUCTURE = frozenset(
     ("fan_in", "mask", "block_in", "block_out", "in_cols", "out_cols", "pad_mask")
-    + ("gather", "rev_inputs", "rev_blocks", "rev_outputs")
-    + ("order", "position", "ext_in", "ext_out", "readers")
+    + ("gather", "order", "position", "ext_in", "ext_out", "readers")
 )

@@ -83,28 +83,6 @@ def block_plan(wiring: Wiring, window: bool) -> Blocks | None:
     return Blocks(*sizes, k, block_in.ravel(), np.repeat(np.arange(g_out), k), None)
 
 
-def fan_out_groups(
-    block_in: np.ndarray, g_in: int
-) -> tuple[np.ndarray, np.ndarray, tuple[tuple[int, int], ...]]:
-    """The gather path's input-gradient layout: ``(inputs, readers, groups)``.
-
-    ``inputs``: the input ensembles some weight block reads, by fan-out ``f`` (how many blocks
-    read it), then index; ``readers``: for each of them in that order, the ``f`` weight blocks
-    (indices into ``block_in [g_out*k]``) reading it, concatenated; ``groups``: ``(f, count)``
-    per run of equal fan-out. Inputs of one group reduce over ``f`` blocks each, so a group is
-    one batched product (no scatter)."""
-    read = [np.flatnonzero(block_in == i) for i in range(g_in)]
-    inputs = sorted((i for i in range(g_in) if len(read[i])), key=lambda i: (len(read[i]), i))
-    groups: list[list[int]] = []
-    for i in inputs:
-        if groups and groups[-1][0] == len(read[i]):
-            groups[-1][1] += 1
-        else:
-            groups.append([len(read[i]), 1])
-    readers = np.concatenate([read[i] for i in inputs]) if inputs else np.zeros(0, np.int64)
-    return np.asarray(inputs, np.int64), readers, tuple((f, n) for f, n in groups)
-
-
 def choose_path(wiring: Wiring) -> str:
     """The path ``SparseLinear(path="auto")`` takes for ``wiring`` (see the module docstring)."""
     return _auto(wiring)[0]
