@@ -83,7 +83,9 @@ def compile_stages(model: nn.Module) -> None:
     """``train.compile``: compile every stage and the head in place (``nn.Module.compile``, so
     parameter names and checkpoints are unchanged). A stage is compiled on its own because
     local learning cuts the graph between stages anyway, and a rewired stage recompiles alone.
-    """
+    The activation meter then counts what the compiled graphs save (inductor saves less: 61 kB
+    against 70 kB eager on the test config), and compiled dropout draws other random numbers
+    than eager."""
     for stage in model.stages:
         stage.compile()
     model.head.compile()
