@@ -14,7 +14,14 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from neuroplex.errors import ConfigError
 
@@ -547,11 +554,24 @@ class TrainConfig(StrictModel):
         "data-parallel replicas",
     )
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32",
+        description="Lightning's names: 32 = float32; bf16-mixed / 16-mixed = forward and loss "
+        "under torch.autocast in bfloat16 / float16 (16-mixed: CUDA only, with a GradScaler)",
+    )
+    compile: bool = Field(
+        False, description="torch.compile every stage and the head (nn.Module.compile, in place)"
+    )
     aux: AuxConfig = Field(default_factory=AuxConfig)
     plasticity: PlasticityConfig | None = Field(
         None, description="rewiring of the sparse layers during training; null = off"
     )
     exits: ExitsConfig = Field(default_factory=ExitsConfig)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_32_as_number(cls, value: object) -> object:
+        return "32" if value == 32 and not isinstance(value, bool) else value  # YAML `32`
 
     @model_validator(mode="after")
     def _check_betas(self) -> TrainConfig:

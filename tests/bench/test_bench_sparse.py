@@ -67,8 +67,11 @@ def test_tiny_run_writes_json_and_table_with_every_implementation(tmp_path):
     assert all(r["density"] == 0.5 for r in rows)
     md = out.with_suffix(".md").read_text()
     assert "**Forward + backward**" in md and "**Forward (no_grad)**" in md
+    assert "**Forward + backward, first layer (no input gradient)**" in md
+    assert result["clock"] == "process CPU time" and "timed in process CPU time" in md
+    assert all((r["fwd_bwd_first"] is None) == (r["skip"] is not None) for r in rows)
     assert "| 4 | ring | 8 | 0.500 | " in md
-    assert md.count("| 16 | random | 8 | 0.500 |") == 2  # one row per metric table
+    assert md.count("| 16 | random | 8 | 0.500 |") == 3  # one row per metric table
 
 
 @pytest.mark.parametrize(
@@ -87,3 +90,31 @@ def test_cli_rejects_a_bad_option_in_one_line(tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    result = CliRunner().invoke(
+        app, ["bench", "sparse", "--device", "cuda", "--width", "8", "--block", "8"]
+    )
+    assert result.exit_code != 0
+    assert "--device = 'cuda': no CUDA device is available" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+def test_cuda_run_computes_on_the_gpu(tmp_path):
+    wiring, found, x = setup(64, 8, "random", 8, 0.5, OPTS | {"device": "cuda"})
+    assert x.is_cuda and all(p.is_cuda for c in found for p in c.params)
+    result = run(
+        width=64,
+        batches=[8],
+        patterns=["ring"],
+        blocks=[8],
+        densities=[0.5],
+        repeats=1,
+        warmup=0,
+        device="cuda",
+        out=tmp_path / "s.json",
+        echo=print,
+    )
+    assert result["clock"] == "CUDA-synchronized wall time"

@@ -15,10 +15,13 @@ compare equal work:
   ``csr_max_batch``: it is many times slower than dense there);
 - ``dense``: ``nn.Linear``, the reference of every ratio.
 
-Timing as in ``neuroplex bench moe``: interleaved rounds in one process (one forward under
-``no_grad``, then one forward + backward with the input gradient, per candidate per round),
-after warm-up. Ratios are medians of the per-round ratio to dense (machine noise hits a
-round's candidates alike); times are medians. Shapes: ``x [b, width]``.
+Timing: interleaved rounds in one process (per candidate per round: one forward under
+``no_grad``, one forward + backward with the input gradient, as in a hidden layer, and one
+without it, as in a first layer), after warm-up. On the CPU each call is timed in *process CPU
+time* (``time.process_time``, all threads), which other processes on a shared machine do not
+inflate the way they inflate wall time; on CUDA (``device="cuda"``) in wall time between
+``torch.cuda.synchronize`` calls. Ratios are medians of the per-round ratio to dense (noise
+hits a round's candidates alike); times are medians. Shapes: ``x [b, width]``.
 """
 
 from __future__ import annotations
@@ -36,13 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuroplex import wiring as W
-from neuroplex.bench import machine, metric_sections, write
+from neuroplex.bench import machine, write
 from neuroplex.errors import ConfigError
 from neuroplex.layers.sparse import SparseLinear
 from neuroplex.layers.sparse_plan import block_plan
 
 IMPLS = ("auto", "block-window", "block-gather", "masked", "csr", "dense")
-METRICS = ("fwd", "fwd_bwd")
+METRICS = ("fwd", "fwd_bwd", "fwd_bwd_first")
+TITLES = (
+    ("fwd_bwd", "Forward + backward"),
+    ("fwd_bwd_first", "Forward + backward, first layer (no input gradient)"),
+    ("fwd", "Forward (no_grad)"),
+)
 
 
 @dataclass
@@ -64,8 +72,16 @@ def wiring_for(width: int, block: int, density: float, pattern: str, seed: int =
     return W.modular(width, width, g, m, pattern, seed=seed)
 
 
-def candidates(wiring: W.Wiring, batch: int, csr_max_batch: int) -> list[Candidate]:
-    """Every implementation of ``wiring``, all with the auto layer's weight and bias."""
+def candidates(
+    wiring: W.Wiring, batch: int, csr_max_batch: int, device: torch.device
+) -> list[Candidate]:
+    """Every implementation of ``wiring`` on ``device``, all with the auto layer's weight and
+    bias."""
+    with device:
+        return _candidates(wiring, batch, csr_max_batch)
+
+
+def _candidates(wiring: W.Wiring, batch: int, csr_max_batch: int) -> list[Candidate]:
     auto = SparseLinear(wiring)
     weight, bias = auto.dense_weight().detach(), auto.bias.detach()
     found = [_sparse("auto", auto)]
@@ -104,15 +120,15 @@ def _windowed(wiring: W.Wiring) -> bool:
 
 def _masked(wiring: W.Wiring, weight: Tensor, bias: Tensor) -> Candidate:
     w, b = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
-    mask = torch.as_tensor(wiring.to_mask(), dtype=weight.dtype)
+    mask = torch.as_tensor(wiring.to_mask(), dtype=weight.dtype, device=weight.device)
     return Candidate("masked", lambda x: F.linear(x, w * mask, b), [w, b], "masked-dense")
 
 
 def _csr(wiring: W.Wiring, weight: Tensor, bias: Tensor) -> Candidate:
     """``y = (W_csr @ x^T)^T + bias``; the CSR values are the trainable parameter."""
-    rows, cols = torch.as_tensor(wiring.to_mask()).nonzero(as_tuple=True)
+    rows, cols = torch.as_tensor(wiring.to_mask(), device=weight.device).nonzero(as_tuple=True)
     values = nn.Parameter(weight[rows, cols].clone())
-    crow = torch.zeros(wiring.n_out + 1, dtype=torch.long)
+    crow = torch.zeros(wiring.n_out + 1, dtype=torch.long, device=weight.device)
     crow[1:] = torch.bincount(rows, minlength=wiring.n_out).cumsum(0)
     b = nn.Parameter(bias.clone())
     shape = (wiring.n_out, wiring.n_in)
@@ -129,32 +145,47 @@ def _csr(wiring: W.Wiring, weight: Tensor, bias: Tensor) -> Candidate:
 def time_rounds(
     runnable: list[Candidate], x: Tensor, repeats: int, warmup: int
 ) -> dict[str, dict[str, list[float]]]:
-    """Seconds per timed round of forward (``no_grad``) and forward + backward (input
-    gradient included, as in a hidden layer), per candidate; ``x [b, width]``."""
+    """Seconds per timed round of each metric (``METRICS``) per candidate; ``x [b, width]``."""
     times: dict[str, dict[str, list[float]]] = {c.name: {m: [] for m in METRICS} for c in runnable}
     grad = torch.randn_like(x)  # [b, width]: the layers are square
-    x = x.detach().requires_grad_(True)
+    hidden = x.detach().requires_grad_(True)
     for i in range(warmup + repeats):
         for c in runnable:
-            fwd, fwd_bwd = time_once(c, x, grad)
+            seconds = time_once(c, hidden, x.detach(), grad)
             if i >= warmup:
-                times[c.name]["fwd"].append(fwd)
-                times[c.name]["fwd_bwd"].append(fwd_bwd)
+                for metric in METRICS:
+                    times[c.name][metric].append(seconds[metric])
     return times
 
 
-def time_once(c: Candidate, x: Tensor, grad: Tensor) -> tuple[float, float]:
+def time_once(c: Candidate, hidden: Tensor, first: Tensor, grad: Tensor) -> dict[str, float]:
+    """One forward (``no_grad``), one forward + backward into ``hidden`` (which requires a
+    gradient) and one from ``first`` (which does not)."""
     assert c.call is not None
-    x.grad = None
+    call = c.call
+    hidden.grad = None
     for p in c.params:
         p.grad = None
     with torch.no_grad():
+        fwd = _timed(lambda: call(hidden), hidden.device)
+    fwd_bwd = _timed(lambda: call(hidden).backward(grad), hidden.device)
+    for p in c.params:
+        p.grad = None
+    fwd_bwd_first = _timed(lambda: call(first).backward(grad), hidden.device)
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "fwd_bwd_first": fwd_bwd_first}
+
+
+def _timed(work: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``work`` takes: process CPU time on the CPU, synchronized wall time on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        c.call(x)
-        fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    c.call(x).backward(grad)
-    return fwd, time.perf_counter() - t0
+        work()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    t0 = time.process_time()
+    work()
+    return time.process_time() - t0
 
 
 def sizes(
@@ -173,11 +204,13 @@ def sizes(
 def setup(
     width: int, b: int, pattern: str, s: int, density: float, opts: dict[str, Any]
 ) -> tuple[W.Wiring, list[Candidate], Tensor]:
-    """The wiring, every candidate and the input ``x [b, width]`` of one size (seeded)."""
+    """The wiring, every candidate and the input ``x [b, width]`` of one size (seeded), on
+    ``opts["device"]`` (default CPU)."""
+    device = torch.device(opts.get("device", "cpu"))
     torch.manual_seed(opts["seed"])
     wiring = wiring_for(width, s, density, pattern, opts["seed"])
-    found = candidates(wiring, b, opts["csr_max_batch"])
-    return wiring, found, torch.randn(b, width)
+    found = candidates(wiring, b, opts["csr_max_batch"], device)
+    return wiring, found, torch.randn(b, width).to(device)
 
 
 def measure_size(
@@ -224,6 +257,14 @@ def check_options(
             raise ConfigError(f"--pattern = {p!r}: must be one of {', '.join(W.PATTERNS)}")
 
 
+def check_device(device: str) -> None:
+    """One-line ConfigError for ``--device`` other than cpu, or cuda without a GPU."""
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device = {device!r}: must be 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device = 'cuda': no CUDA device is available; use --device cpu")
+
+
 def run(
     *,
     width: int = 4096,
@@ -236,14 +277,19 @@ def run(
     threads: int = 2,
     csr_max_batch: int = 256,
     seed: int = 0,
+    device: str = "cpu",
     out: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every size, one after another; JSON and table rewritten after each size."""
     check_options(width, blocks, densities, patterns)
+    check_device(device)
     torch.set_num_threads(threads)
     opts = {"repeats": repeats, "warmup": warmup, "csr_max_batch": csr_max_batch, "seed": seed}
-    result: dict[str, Any] = {"machine": machine(), "threads": threads, **opts, "rows": []}
+    opts["device"] = device
+    clock = "CUDA-synchronized wall time" if device == "cuda" else "process CPU time"
+    result: dict[str, Any] = {"machine": machine(), "threads": threads, "clock": clock, **opts}
+    result["rows"] = []
     for b, pattern, s, density in sizes(batches, patterns, blocks, densities):
         result["rows"] += measure_size(width, b, pattern, s, density, opts)
         echo(f"batch={b} pattern={pattern} block={s} density={density} done")
@@ -255,16 +301,21 @@ def run(
 def table(result: dict[str, Any]) -> str:
     """Markdown: a forward + backward table, then a forward-only table."""
     width = result["rows"][0]["width"] if result["rows"] else "?"
+    where = f"{result.get('device', 'cpu')}, {result['machine']}, {result['threads']} threads"
     head = (
-        f"{width}×{width}, float32, {result['machine']}, {result['threads']} threads, median of "
-        f"{result['repeats']} interleaved rounds after {result['warmup']} warm-up. Each cell is "
+        f"{width}×{width}, float32, {where}, timed in {result.get('clock', 'wall time')}, "
+        f"median of {result['repeats']} interleaved rounds after {result['warmup']} warm-up. "
+        "Each cell is "
         "the time relative to `nn.Linear` (median of per-round ratios); ideal = density. "
         "`auto` = the path SparseLinear picks itself, `window`/`gather` = its block paths "
         "forced, `masked` = `F.linear(x, W * mask)`, `CSR` = `torch.sparse.mm`; — = not run "
         "(window: not a cyclic-window wiring; CSR: batch above --csr-max-batch). Forward + "
-        "backward includes the input gradient."
+        "backward includes the input gradient, except in the first-layer table."
     )
-    return metric_sections(head, lambda metric: metric_table(result["rows"], metric))
+    parts = [head]
+    for metric, title in TITLES:
+        parts += ["", f"**{title}**", "", metric_table(result["rows"], metric)]
+    return "\n".join(parts)
 
 
 _COLUMNS = (("auto", "auto"), ("block-window", "window"), ("block-gather", "gather"))

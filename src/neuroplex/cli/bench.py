@@ -136,6 +136,7 @@ def bench_sparse(
         int, typer.Option(min=0, help="skip torch.sparse CSR above this batch")
     ] = 256,
     seed: Annotated[int, typer.Option(help="seed of weights, inputs and random wirings")] = 0,
+    device: Annotated[str, typer.Option(help="cpu (process CPU time) or cuda (wall time)")] = "cpu",
     out: Annotated[
         Path, typer.Option(help="JSON output (a .md table is written beside it)")
     ] = Path("docs/bench/sparse.json"),
@@ -155,6 +156,7 @@ def bench_sparse(
         threads=threads,
         csr_max_batch=csr_max_batch,
         seed=seed,
+        device=device,
         out=out,
     )
     print(table(result))

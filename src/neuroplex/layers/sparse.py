@@ -124,7 +124,9 @@ class SparseLinear(nn.Module):
         pad_mask = None
         if self.padded or (blocks.block_in < 0).any():  # zero padded units and dummy blocks
             real = torch.zeros(g_out * s_out, g_in * s_in, dtype=torch.bool)
-            real[self.out_cols[:, None].cpu(), self.in_cols[None, :].cpu()] = True
+            out_cols = torch.as_tensor(columns(self.wiring.out_sizes, s_out))
+            in_cols = torch.as_tensor(columns(self.wiring.in_sizes, s_in))
+            real[out_cols[:, None], in_cols[None, :]] = True  # on the CPU: meta has no values
             pad_mask = self._gather_blocks(real.to(device))
         self.register_buffer("pad_mask", pad_mask, persistent=False)
         if blocks.order is None:
@@ -214,20 +216,25 @@ class SparseLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """``[b, n_in] -> [b, n_out]`` (extra leading dims are flattened, then restored)."""
+        """``[*, n_in] -> [*, n_out]`` (leading dims are flattened to ``b``, then restored).
+
+        Under ``torch.autocast`` the kernels run in the autocast dtype, as ``nn.Linear`` does:
+        input, weight and bias are cast to it (differentiably, so the parameters' gradients
+        keep their own dtype) before the custom kernels, which autocast does not reach."""
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if self.path == "dense":
-            y = F.linear(x, self.weight, self.bias)
-        elif self.path == "masked-dense":
-            y = MaskedLinear.apply(x, self.weight, self.mask, self.bias)
+            return F.linear(x, self.weight, self.bias).view(*lead, self.out_features)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
+        if self.path == "masked-dense":
+            y = MaskedLinear.apply(x, weight, self.mask.to(weight.dtype), bias)
         else:
-            y = self._forward_blocks(x.contiguous())
+            y = self._forward_blocks(x.contiguous(), weight, bias)
         return y.view(*lead, self.out_features)
 
-    def _forward_blocks(self, x: Tensor) -> Tensor:
+    def _forward_blocks(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Block paths, ``[b, n_in] -> [b, n_out]``; pads unequal ensembles to ``s`` units."""
-        g, bias = self.geo, self.bias
+        g = self.geo
         if self.padded:  # [b, n_in] -> [b, g_in*s_in], zeros in the padding
             padded = x.new_zeros(x.shape[0], g["g_in"] * g["s_in"])
             padded[:, self.in_cols] = x  # index_put saves no copy of x (index_copy would)
@@ -240,7 +247,7 @@ class SparseLinear(nn.Module):
         else:
             names, kernel = ("gather",), GatherMatmul
         geo = g | {name: getattr(self, name) for name in (*names, "pad_mask")}
-        y = kernel.apply(x, self.weight, bias, geo)
+        y = kernel.apply(x, weight, bias, geo)
         return y.index_select(1, self.out_cols) if self.padded else y  # [b, n_out]
 
     def extra_repr(self) -> str:
@@ -266,6 +273,16 @@ class SparseLinear(nn.Module):
                     "build the layer from the same Wiring (or rewire it with set_wiring)."
                 )
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
+    """``x``, ``weight`` and ``bias`` in the autocast dtype of ``x``'s device when autocast is
+    on there (what autocast does to ``F.linear``'s operands), else unchanged."""
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 # every buffer _build may register: a rebuild drops them all before registering its own

@@ -3,12 +3,27 @@ structure the block paths need (see neuroplex.layers.sparse for the paths).
 
 Rule (``choose_path``): take the block path while its executed density (dummies and padding
 included) is at most ``_density_limit``, else masked-dense. Block-window: 0.5 (0.75 for
-blocks of 64+ units), from the fwd+bwd benchmark (4096x4096, float32, batch 256 and 2048,
-2 threads, blocks of 16..128, densities 0.05..0.75, side by side with masked-dense).
-Block-gather: 0.5 for blocks of 128+ units, else 0.25, from ``neuroplex bench sparse`` (4096x4096,
-random patterns, 2 threads): at batch 2048 the gather path lost to masked-dense at density 0.5
-with blocks of 32 (1.8x) and 64 (1.14x) while winning at 0.25 and below for every block size
-(0.38-0.91x) and at 0.5 with blocks of 128 (0.69x); at batch 256 it won everywhere.
+blocks of 64+ units); block-gather: 0.5 for blocks of 128+ units, else 0.25.
+
+Re-derived on this machine (2026-12-02, shared 2-core x86_64, torch 2.13, ``neuroplex bench
+sparse``, 4096x4096, batch 256, forward + backward with the input gradient, process CPU time,
+1 thread, interleaved rounds; docs/bench/sparse_t1.md, sparse_d05_t1.md). Time relative to
+``nn.Linear``:
+
+    pattern  s    density  window  gather  masked   -> rule picks
+    ring     32   0.50     0.78    1.35    1.42     window (limit 0.5)
+    ring     64   0.25     0.30    0.42    1.35     window
+    ring     128  0.50     0.70    0.81    1.41     window (limit 0.75)
+    random   32   0.50     -       1.27    1.37     masked (limit 0.25: gather won by 7%,
+                                                    within noise, and lost with 2 threads)
+    random   64   0.25     -       0.45    1.35     gather
+    random   64   0.125    -       0.25    1.36     gather
+    random   128  0.50     -       0.77    1.36     gather (limit 0.5)
+
+The thresholds measured before (0.75 window at 64+, gather losing at 0.5 below 128 units at
+batch 2048) still hold, so the limits are unchanged. With 2 threads on the loaded machine the
+gather path lost to masked at blocks of 64 (1.3-2.0x masked, thread contention; sparse_t2.md);
+that run is not used for the rule.
 
 Shape legend: ``g`` ensembles (blocks) per side, ``s`` block size, ``k`` input blocks per
 output block.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,6 +16,7 @@ from neuroplex.network import Network, NetworkOutput
 from neuroplex.train.checkpoint import load_optimizer_state, optimizer_state
 from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
+from neuroplex.train.precision import Precision, device_of
 
 
 class ForwardStages(nn.Module):
@@ -38,18 +38,19 @@ class Backprop:
         self.forward = data_parallel(ForwardStages(model))
         self.optimizer = build_optimizer([model], cfg.train)
         self.optimizers = [self.optimizer]
+        self.precision = Precision(cfg.train.precision, device_of(model))
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """One update on a batch ``x [b, d]``, ``y [b]``."""
         set_lr(self.optimizer, lr)
-        out = self.forward(x)
-        loss = F.cross_entropy(out.logits, y, label_smoothing=self.cfg.label_smoothing)
-        loss = loss + out.aux_loss
+        with self.precision.autocast():
+            out = self.forward(x)
+            loss = F.cross_entropy(out.logits, y, label_smoothing=self.cfg.label_smoothing)
+            loss = loss + out.aux_loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer, self.model.parameters(), self.cfg.grad_clip)
+        self.precision.update()
         correct = (out.logits.argmax(dim=1) == y).sum()
         stats = {k: v.detach() for k, v in out.stats.items()}
         return StepResult(loss.detach(), correct, stats)
@@ -60,7 +61,8 @@ class Backprop:
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Optimizer tensors and JSON-able metadata for a checkpoint."""
         tensors, meta = optimizer_state(self.optimizer, "optim.")
-        return tensors, {"optimizer": meta}
+        return tensors, {"optimizer": meta, "scaler": self.precision.state()}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, tensors, meta["optimizer"], "optim.")
+        self.precision.load_state(meta.get("scaler", {}))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,6 +31,7 @@ from neuroplex.train.checkpoint import (
 )
 from neuroplex.train.method import StepResult
 from neuroplex.train.optim import build_optimizer, set_lr
+from neuroplex.train.precision import Precision
 
 
 class StageWithHead(nn.Module):
@@ -63,6 +63,7 @@ class Local:
         # each stage draws its dropout masks (router noise) from its own stream, so the run is
         # the same however the stages are spread over processes (train.parallel)
         self.streams = StageStreams(cfg.seed, len(pairs), device)
+        self.precision = Precision(cfg.train.precision, device)
 
     def step(self, x: Tensor, y: Tensor, lr: float) -> StepResult:
         """Train each stage on ``x [b, *in]``, ``y [b]`` in turn; return the head's loss."""
@@ -82,19 +83,19 @@ class Local:
         for s in stages:
             trainee, opt = self.trainees[s], self.optimizers[s]
             with self.streams.use(s):
-                out, logits = trainee(h.detach())  # detach: the gradient-isolation boundary
-                loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+                with self.precision.autocast():
+                    out, logits = trainee(h.detach())  # detach: the gradient-isolation boundary
+                    loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
                 set_lr(opt, lr)
                 opt.zero_grad(set_to_none=True)
-                (loss + out.aux_loss).backward()
-            if self.cfg.grad_clip is not None:
-                params = [p for g in opt.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-            opt.step()
+                self.precision.backward(loss + out.aux_loss)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            self.precision.step(opt, params, self.cfg.grad_clip)
             self.update_momentum(s)
             stats[f"local.stage{s}_loss"] = loss.detach()
             stats.update({f"stage{s}.{k}": v.detach() for k, v in out.stats.items()})
             h = out.x.detach()
+        self.precision.update()
         correct = (logits.argmax(dim=1) == y).sum()
         return StepResult(loss.detach(), correct, stats), h
 
@@ -115,10 +116,11 @@ class Local:
             opt_tensors, meta = optimizer_state(opt, f"optim{s}.")
             tensors.update(opt_tensors)
             metas.append(meta)
-        return tensors, {"optimizers": metas}
+        return tensors, {"optimizers": metas, "scaler": self.precision.state()}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         load_module_state(self.aux, tensors, "aux.")
         self.streams.load_state(tensors)
         for s, (opt, opt_meta) in enumerate(zip(self.optimizers, meta["optimizers"], strict=True)):
             load_optimizer_state(opt, tensors, opt_meta, f"optim{s}.")
+        self.precision.load_state(meta.get("scaler", {}))

@@ -28,7 +28,8 @@ class _Saved:
         self.tensor, self.meter, self.key = tensor, meter, key
 
     def __del__(self) -> None:
-        if self.key is not None:
+        # torch.compile traces the hooks with copies made without __init__: they hold no count
+        if getattr(self, "key", None) is not None:
             self.meter._release(self.key)
 
 

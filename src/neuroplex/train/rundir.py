@@ -216,6 +216,12 @@ def versions() -> dict[str, str]:
     }
 
 
+def cuda_peak_bytes(device: torch.device) -> int | None:
+    """``torch.cuda.max_memory_allocated`` of this process on ``device`` (None off CUDA): the
+    allocator's peak, beside the exact saved-tensor count (``activation_bytes_peak``)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def write_summary(
     run_dir: Path, s: Setup, state: LoopState, *, status: str, error: str | None = None
 ) -> dict[str, Any]:
@@ -241,10 +247,13 @@ def write_summary(
         "macs": count_macs(s.model, data.train.inputs(slice(0, 1))),
         "min_expert_load": min_expert_load(final),
         "activation_bytes_peak": state.activation_peak,
+        "cuda_max_memory_allocated": cuda_peak_bytes(s.device),
         "peak_rss_bytes": peak_rss_bytes(),
         "train_time_s": state.elapsed,
         "seed": s.cfg.seed,
         "method": s.cfg.train.method,
+        "precision": s.cfg.train.precision,
+        "compile": s.cfg.train.compile,
         "dataset": {
             "name": data.name,
             "train": len(data.train),

@@ -22,6 +22,7 @@ from neuroplex.network import Network, build_network
 from neuroplex.plasticity.schedule import NullPlasticity, Plasticity, build_plasticity
 from neuroplex.train.callbacks import Callbacks
 from neuroplex.train.method import Method
+from neuroplex.train.precision import compile_stages
 
 METHODS: dict[str, type[Method]] = {"backprop": Backprop, "local": Local}
 
@@ -76,6 +77,8 @@ def build_setup(
     model = build_model(cfg, data, device)
     if prepare is not None:
         prepare(model)
+    if cfg.train.compile:
+        compile_stages(model)
     method = METHODS[cfg.train.method](model, cfg)
     s = Setup(cfg, device, data, model, method, world or World())
     check_batchnorm_batches(s)
