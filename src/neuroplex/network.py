@@ -41,7 +41,7 @@ from neuroplex.layers.conv import (
     ResidualStage,
     spatial_dims,
 )
-from neuroplex.layers.moe import MoE
+from neuroplex.layers.moe import MoE, moe_aux_loss, moe_stats
 from neuroplex.layers.params import count_parameters, masked_out
 from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
 from neuroplex.wiring import Wiring
@@ -58,11 +58,21 @@ class NetworkOutput(NamedTuple):
 
 
 def run_stage(stage: nn.Module, x: Tensor) -> StageOutput:
-    """Call ``stage`` and normalise its result to a StageOutput."""
+    """Call ``stage`` and normalise its result to a StageOutput. A stage that returns a tensor
+    gets the aux losses and stats its MoE layers left (:func:`moe_aux_loss`,
+    :func:`moe_stats`): stats under their own names when it holds one MoE, else prefixed by
+    the layer's module name."""
     out = stage(x)
     if isinstance(out, StageOutput):
         return out
-    return StageOutput(out, out.new_zeros(()), {})
+    per_layer = moe_stats(stage)
+    if not per_layer:
+        return StageOutput(out, out.new_zeros(()), {})
+    if len(per_layer) == 1:
+        stats = next(iter(per_layer.values()))
+    else:
+        stats = {f"{name}.{k}": v for name, s in per_layer.items() for k, v in s.items()}
+    return StageOutput(out, moe_aux_loss(stage), stats)
 
 
 class Network(nn.Module):

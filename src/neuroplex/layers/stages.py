@@ -9,7 +9,6 @@ import numpy as np
 from torch import Tensor, nn
 
 from neuroplex.layers.moe import MoE
-from neuroplex.layers.output import StageOutput
 from neuroplex.layers.sparse import SparseLinear
 from neuroplex.wiring import Wiring
 
@@ -52,7 +51,8 @@ class GatedStage(nn.Module):
     A ``shared`` expert (DeepSeekMoE's shared-expert isolation) sees every input and is added
     to the routed experts' output: ``moe(x) + shared(x)``.
 
-    ``[b, d] -> StageOutput([b, h], aux, stats)``.
+    ``[b, d] -> [b, h]``; the MoE keeps its aux loss and stats (``moe.aux_loss``,
+    ``moe.stats``), which ``network.run_stage`` collects.
     """
 
     def __init__(
@@ -73,12 +73,13 @@ class GatedStage(nn.Module):
         self.norm = norm_layer(moe.d_out) if norm_layer is not None else nn.Identity()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> StageOutput:
-        out = self.moe(x)
-        y = out.x if self.shared is None else out.x + self.shared(x)
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.moe(x)
+        if self.shared is not None:
+            y = y + self.shared(x)
         if self.residual:
             y = x + y
-        return StageOutput(self.drop(self.norm(y)), out.aux_loss, out.stats)
+        return self.drop(self.norm(y))
 
     def extra_repr(self) -> str:
         return f"residual={self.residual}"
