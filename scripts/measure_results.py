@@ -49,6 +49,7 @@ CONFIGS = [
     "configs/mnist1d_cnn.yaml",
     "configs/fmnist_mlp.yaml",  # needs the Fashion-MNIST IDX files (README: Datasets)
     "configs/fmnist_cnn.yaml",
+    "configs/fmnist_moe_cnn.yaml",  # the CNN with a feature-map (per-position) MoE stage
 ]
 
 

@@ -100,9 +100,12 @@ class Plan(NamedTuple):
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the ``aux_loss`` every :class:`MoE` in ``model`` left at its latest call, ``[]``
-    (0 when there is none); add it to the task loss before ``backward``."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    """Sum of the ``aux_loss`` every routed layer (:class:`MoE`, ``ConvMoE``) in ``model`` left
+    at its latest call, ``[]`` (0 when there is none); add it to the task loss before
+    ``backward``."""
+    losses = [
+        m.aux_loss for m in model.modules() if isinstance(m, Routed) and m.aux_loss is not None
+    ]
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
@@ -110,12 +113,13 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
 
 
 def moe_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """The ``stats`` of every :class:`MoE` in ``model`` from its latest call, keyed by module name
-    (``""`` for ``model`` itself); layers not called yet are left out."""
+    """The ``stats`` of every routed layer (:class:`MoE`, ``ConvMoE``) in ``model`` from its
+    latest call, keyed by module name (``""`` for ``model`` itself); layers not called yet are
+    left out."""
     return {
         name: m.stats
         for name, m in model.named_modules()
-        if isinstance(m, MoE) and m.stats is not None
+        if isinstance(m, Routed) and m.stats is not None
     }
 
 
@@ -124,7 +128,136 @@ def expert_capacity(factor: float | None, k: int, tokens: int, n_experts: int) -
     return None if factor is None else math.ceil(factor * k * tokens / n_experts)
 
 
-class MoE(nn.Module):
+def build_router(
+    router: str | nn.Module, d_in: int, n_experts: int, k: int, device=None, dtype=None
+) -> nn.Module:
+    """A router by name from ``ROUTERS``, or a given module checked against ``n_experts``/``k``."""
+    if isinstance(router, str):
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}.")
+        return ROUTERS[router](d_in, n_experts, k, device=device, dtype=dtype)
+    if not isinstance(router, nn.Module):
+        raise ValueError(f"router must be a name or an nn.Module, got {router!r}.")
+    if getattr(router, "n_experts", n_experts) != n_experts:
+        raise ValueError(f"router has {router.n_experts} experts but n_experts is {n_experts}.")
+    if getattr(router, "k", k) != k:
+        raise ValueError(f"router chooses k={router.k} experts but k is {k}.")
+    return router
+
+
+class Routed(nn.Module):
+    """What every routed layer shares: the router, capacity, drops, the aux losses and the side
+    results it leaves (``aux_loss``, ``stats``). ``d_route`` is the router's input width.
+
+    Subclasses build their experts and call, in ``forward``: :meth:`_route`, :meth:`_sort`, their
+    expert kernel, ``combine``, :meth:`_drops`, :meth:`_losses`, :meth:`_store`.
+    """
+
+    def __init__(
+        self,
+        d_route: int,
+        n_experts: int,
+        k: int,
+        *,
+        router: str | nn.Module,
+        capacity_factor: float | None,
+        eval_capacity_factor: float | None,
+        drop: str,
+        balance: str,
+        balance_weight: float,
+        z_loss_weight: float,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_sizes(d_route, n_experts, k)
+        for name, value in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or None, got {value}.")
+        if drop not in DROPS:
+            raise ValueError(f"drop must be one of {', '.join(DROPS)}, got {drop!r}.")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}.")
+        self.router = build_router(router, d_route, n_experts, k, device=device, dtype=dtype)
+        self.n_experts, self.k = n_experts, k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.drop, self.balance = drop, balance
+        self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
+        self.aux_loss: Tensor | None = None  # weighted aux loss of the latest call, with its graph
+        self.stats: dict[str, Tensor] | None = None  # detached statistics of the latest call
+
+    def _route(self, tokens: Tensor) -> RouterOutput:
+        """The router on ``[b, d_in]``; under autocast in float32, outside it."""
+        if not _autocast_on(tokens):
+            return self.router(tokens)
+        p = next(self.router.parameters(), None)
+        with _no_autocast(tokens):
+            return self.router(tokens.to(torch.float32 if p is None else p.dtype))
+
+    def _sort(self, x: Tensor, route: RouterOutput) -> Plan:
+        """The ``[b, k]`` choices as expert-sorted assignments, their counts and the capacity."""
+        b, k = route.indices.shape  # k may exceed self.k for dense-to-sparse routers
+        e, a = self.n_experts, route.indices.numel()
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        expert = route.indices.t().reshape(-1)  # [a] choice-major: all 1st choices, then 2nd...
+        gate = route.gates.t().reshape(-1)  # [a]
+        token = torch.arange(b, device=x.device).repeat(k)  # [a]
+        order = torch.argsort(expert, stable=True)  # stable keeps choice-major order per expert
+        expert, gate, token = expert[order], gate[order], token[order]
+        counts = count_per_expert(expert, e)  # [e] before drops
+        rank = torch.arange(a, device=x.device) - (counts.cumsum(0) - counts)[expert]  # [a]
+        return Plan(expert, gate, token, rank, counts, expert_capacity(factor, k, b, e))
+
+    def _drops(self, x: Tensor, out: Tensor, plan: Plan) -> tuple[Tensor, Tensor, Tensor]:
+        """``out [b, d_out]`` with ``x`` for tokens that lost every choice under
+        ``drop="residual"``, the number of dropped assignments ``[]`` and those tokens ``[b]``."""
+        b = x.shape[0]
+        if plan.cap is None:
+            return out, x.new_zeros((), dtype=torch.long), x.new_zeros(b, dtype=torch.bool)
+        kept = (plan.rank < plan.cap).long()  # [a]
+        all_dropped = kept.new_zeros(b).index_add(0, plan.token, kept) == 0  # [b]
+        if self.drop == "residual":
+            out = torch.where(all_dropped[:, None], x, out)
+        return out, kept.numel() - kept.sum(), all_dropped
+
+    def _losses(
+        self, route: RouterOutput, plan: Plan, n_drop: Tensor, all_dropped: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted aux loss ``[]`` and the detached stats, in at least float32."""
+        ldt = torch.promote_types(route.logits.dtype, torch.float32)
+        e, a = self.n_experts, route.indices.numel()
+        logits, probs = route.logits.to(ldt), route.probs.to(ldt)
+        counts = plan.counts.to(ldt)
+        if self.balance == "cv2":  # importance [e]: gate mass per expert
+            importance = logits.new_zeros(e).index_add(0, plan.expert, plan.gate.to(ldt))
+            balance = cv_squared(importance) + cv_squared(route.load.to(ldt))
+        else:
+            balance = switch_balance(counts, probs)
+        z = router_z_loss(logits)
+        aux = self.balance_weight * balance + self.z_loss_weight * z
+        stats = {
+            "load": (counts / max(a, 1)).detach(),
+            "dropped_frac": (n_drop.to(ldt) / max(a, 1)).detach(),
+            "dropped_tokens": all_dropped.to(ldt).mean().detach(),
+            "gate_entropy": torch.special.entr(probs).sum(dim=1).mean().detach(),
+            "balance_loss": balance.detach(),
+            "z_loss": z.detach(),
+        }
+        return aux, stats
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the latest call's side results (they hold a graph)."""
+        return {**self.__dict__, "aux_loss": None, "stats": None}
+
+    def _store(self, aux: Tensor, stats: dict[str, Tensor]) -> None:
+        if not torch.compiler.is_exporting():  # an exported graph returns the output only
+            self.aux_loss, self.stats = aux, stats
+
+
+class MoE(Routed):
     """Mixture of ``n_experts`` two-layer MLP experts, ``k`` per token, chosen by a router.
 
     Args:
@@ -183,47 +316,37 @@ class MoE(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        check_sizes(d_in, n_experts, k)
+        super().__init__(
+            d_in,
+            n_experts,
+            k,
+            router=router,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            drop=drop,
+            balance=balance,
+            balance_weight=balance_weight,
+            z_loss_weight=z_loss_weight,
+            device=device,
+            dtype=dtype,
+        )
         for name, value in (("d_out", d_out), ("expert_hidden", expert_hidden)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
-        for name, value in (
-            ("capacity_factor", capacity_factor),
-            ("eval_capacity_factor", eval_capacity_factor),
-        ):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive or None, got {value}.")
         if not 0 <= expert_dropout < 1:
             raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}.")
-        if drop not in DROPS:
-            raise ValueError(f"drop must be one of {', '.join(DROPS)}, got {drop!r}.")
         if drop == "residual" and d_in != d_out:
             raise ValueError(
                 f'drop="residual" needs d_in == d_out, got {d_in} and {d_out}; use drop="zero".'
             )
-        if balance not in BALANCES:
-            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}.")
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCHES)}, got {dispatch!r}.")
-        if isinstance(router, str):
-            if router not in ROUTERS:
-                raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}.")
-            router = ROUTERS[router](d_in, n_experts, k, device=device, dtype=dtype)
-        elif not isinstance(router, nn.Module):
-            raise ValueError(f"router must be a name or an nn.Module, got {router!r}.")
-        elif getattr(router, "n_experts", n_experts) != n_experts:
-            raise ValueError(f"router has {router.n_experts} experts but n_experts is {n_experts}.")
-        elif getattr(router, "k", k) != k:
-            raise ValueError(f"router chooses k={router.k} experts but k is {k}.")
-        self.d_in, self.d_out, self.n_experts, self.k = d_in, d_out, n_experts, k
-        self.expert_hidden = expert_hidden
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.drop, self.balance, self.dispatch = drop, balance, dispatch
-        self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
-        self.router = router
-        self.aux_loss: Tensor | None = None  # weighted aux loss of the latest call, with its graph
-        self.stats: dict[str, Tensor] | None = None  # detached statistics of the latest call
+        self.d_in, self.d_out, self.expert_hidden, self.dispatch = (
+            d_in,
+            d_out,
+            expert_hidden,
+            dispatch,
+        )
         self.expert_dropout = expert_dropout
         # the activation of the hidden units, then their dropout: both dispatch paths apply it
         self.act = act_layer()
@@ -278,8 +401,7 @@ class MoE(nn.Module):
         out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
         out, n_drop, all_dropped = self._drops(xs, out, plan)
         aux, stats = self._losses(route, plan, n_drop, all_dropped)
-        if not torch.compiler.is_exporting():  # an exported graph returns the output only
-            self.aux_loss, self.stats = aux, stats
+        self._store(aux, stats)
         return out.view(*x.shape[:-1], self.d_out)
 
     def route(self, x: Tensor) -> RouterOutput:
@@ -294,40 +416,6 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expects input [*, {self.d_in}], got {list(x.shape)}.")
         return x.reshape(-1, self.d_in)  # [b, d_in]
 
-    def _route(self, tokens: Tensor) -> RouterOutput:
-        """The router on ``[b, d_in]``; under autocast in float32, outside it."""
-        if not _autocast_on(tokens):
-            return self.router(tokens)
-        p = next(self.router.parameters(), None)
-        with _no_autocast(tokens):
-            return self.router(tokens.to(torch.float32 if p is None else p.dtype))
-
-    def _sort(self, x: Tensor, route: RouterOutput) -> Plan:
-        """The ``[b, k]`` choices as expert-sorted assignments, their counts and the capacity."""
-        b, k = route.indices.shape  # k may exceed self.k for dense-to-sparse routers
-        e, a = self.n_experts, route.indices.numel()
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        expert = route.indices.t().reshape(-1)  # [a] choice-major: all 1st choices, then 2nd...
-        gate = route.gates.t().reshape(-1)  # [a]
-        token = torch.arange(b, device=x.device).repeat(k)  # [a]
-        order = torch.argsort(expert, stable=True)  # stable keeps choice-major order per expert
-        expert, gate, token = expert[order], gate[order], token[order]
-        counts = count_per_expert(expert, e)  # [e] before drops
-        rank = torch.arange(a, device=x.device) - (counts.cumsum(0) - counts)[expert]  # [a]
-        return Plan(expert, gate, token, rank, counts, expert_capacity(factor, k, b, e))
-
-    def _drops(self, x: Tensor, out: Tensor, plan: Plan) -> tuple[Tensor, Tensor, Tensor]:
-        """``out [b, d_out]`` with ``x`` for tokens that lost every choice under
-        ``drop="residual"``, the number of dropped assignments ``[]`` and those tokens ``[b]``."""
-        b = x.shape[0]
-        if plan.cap is None:
-            return out, x.new_zeros((), dtype=torch.long), x.new_zeros(b, dtype=torch.bool)
-        kept = (plan.rank < plan.cap).long()  # [a]
-        all_dropped = kept.new_zeros(b).index_add(0, plan.token, kept) == 0  # [b]
-        if self.drop == "residual":
-            out = torch.where(all_dropped[:, None], x, out)
-        return out, kept.numel() - kept.sum(), all_dropped
-
     def _pick_dispatch(self, x: Tensor, cap: int | None) -> str:
         if self.dispatch != "auto":
             return self.dispatch
@@ -337,35 +425,6 @@ class MoE(nn.Module):
         if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
             return "grouped"
         return "loop"
-
-    def _losses(
-        self, route: RouterOutput, plan: Plan, n_drop: Tensor, all_dropped: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted aux loss ``[]`` and the detached stats, in at least float32."""
-        ldt = torch.promote_types(route.logits.dtype, torch.float32)
-        e, a = self.n_experts, route.indices.numel()
-        logits, probs = route.logits.to(ldt), route.probs.to(ldt)
-        counts = plan.counts.to(ldt)
-        if self.balance == "cv2":  # importance [e]: gate mass per expert
-            importance = logits.new_zeros(e).index_add(0, plan.expert, plan.gate.to(ldt))
-            balance = cv_squared(importance) + cv_squared(route.load.to(ldt))
-        else:
-            balance = switch_balance(counts, probs)
-        z = router_z_loss(logits)
-        aux = self.balance_weight * balance + self.z_loss_weight * z
-        stats = {
-            "load": (counts / max(a, 1)).detach(),
-            "dropped_frac": (n_drop.to(ldt) / max(a, 1)).detach(),
-            "dropped_tokens": all_dropped.to(ldt).mean().detach(),
-            "gate_entropy": torch.special.entr(probs).sum(dim=1).mean().detach(),
-            "balance_loss": balance.detach(),
-            "z_loss": z.detach(),
-        }
-        return aux, stats
-
-    def __getstate__(self) -> dict:
-        """Copies and pickles leave out the latest call's side results (they hold a graph)."""
-        return {**self.__dict__, "aux_loss": None, "stats": None}
 
     def _experts(self, dtype: torch.dtype) -> Experts:
         """The expert weights in the compute ``dtype`` (a no-op outside autocast), masked for
