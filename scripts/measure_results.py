@@ -53,6 +53,7 @@ CONFIGS = [
     "configs/fmnist_cnn.yaml",
     "configs/fmnist_modular_cnn.yaml",
     "configs/fmnist_local.yaml",  # the CNN of fmnist_cnn trained by AugLocal
+    "configs/fmnist_moe_cnn.yaml",  # the CNN with a feature-map (per-position) MoE stage
 ]
 
 

@@ -60,7 +60,7 @@ def test_flatten_then_dense_and_vectors_still_take_an_int():
     assert vector(torch.randn(2, 5)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse", "moe"])
+@pytest.mark.parametrize("kind", ["dense", "sparse"])  # moe also takes feature maps
 def test_vector_stage_after_a_feature_map_says_to_flatten_or_pool(kind):
     with pytest.raises(ConfigError) as e:
         model_of(f"[{{kind: conv, channels: 4}}, {{kind: {kind}}}]", (1, 8, 8))

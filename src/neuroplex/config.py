@@ -232,11 +232,19 @@ class MoEStageConfig(StrictModel):
         description="hidden width of a shared dense expert every input also goes through "
         "(added to the routed output); 0 = none",
     )
+    routing: Literal["position", "sample"] = Field(
+        "position",
+        description="on a feature map: route each position to pointwise MLP experts over the "
+        "channels (patch-level MoE), or each whole sample to convolutional experts",
+    )
+    kernel: int = Field(3, ge=1, description="routing sample: kernel of each conv expert (odd)")
 
     @model_validator(mode="after")
     def _k_at_most_experts(self) -> MoEStageConfig:
         if self.k > self.experts:
             raise ValueError(f"k = {self.k}: must be <= experts ({self.experts})")
+        if self.routing == "sample" and (self.shared_hidden or self.expert_wiring is not None):
+            raise ValueError("routing = sample: conv experts take no shared_hidden/expert_wiring")
         return self
 
 

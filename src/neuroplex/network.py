@@ -3,11 +3,12 @@
 A *stage* is the unit of local learning (gradient-isolation boundary), of checkpointing and of
 parallelism. Any ``nn.Module`` can be a stage if it maps ``[b, *in_shape] -> [b, *out_shape]``,
 exposes ``out_shape`` (a vector stage may expose ``d_out`` instead: ``out_shape = (d_out,)``),
-and returns either a tensor or a :class:`StageOutput` (when it has side losses, as a gated
-mixture of experts does). Shapes leave out the batch: vectors are ``(d,)``, feature maps
-``(c, L)`` or ``(c, h, w)``. Builders get the input shape; vector stages (``dense``, ``sparse``,
-``moe``) and the linear head need a vector, so a feature map reaches them through a ``flatten``
-or ``pool`` stage.
+and returns either a tensor or a :class:`StageOutput`; a stage that returns a tensor and holds
+MoE layers gets their side losses through :func:`run_stage`. Shapes leave out the batch:
+vectors are ``(d,)``, feature maps ``(c, L)`` or ``(c, h, w)``. Builders get the input shape;
+vector stages (``dense``, ``sparse``) and the linear head need a vector, so a feature map
+reaches them through a ``flatten`` or ``pool`` stage; a ``moe`` stage takes either (on a
+feature map it routes positions or samples).
 
 Shape legend: ``b`` batch, ``d`` features, ``c`` classes.
 """
@@ -41,7 +42,8 @@ from neuroplex.layers.conv import (
     ResidualStage,
     spatial_dims,
 )
-from neuroplex.layers.moe import MoE
+from neuroplex.layers.moe import MoE, moe_aux_loss, moe_stats
+from neuroplex.layers.moe_conv import ConvMoE
 from neuroplex.layers.params import count_parameters, masked_out
 from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
 from neuroplex.wiring import Wiring
@@ -58,11 +60,21 @@ class NetworkOutput(NamedTuple):
 
 
 def run_stage(stage: nn.Module, x: Tensor) -> StageOutput:
-    """Call ``stage`` and normalise its result to a StageOutput."""
+    """Call ``stage`` and normalise its result to a StageOutput. A stage that returns a tensor
+    gets the aux losses and stats its MoE layers left (:func:`moe_aux_loss`,
+    :func:`moe_stats`): stats under their own names when it holds one MoE, else prefixed by
+    the layer's module name."""
     out = stage(x)
     if isinstance(out, StageOutput):
         return out
-    return StageOutput(out, out.new_zeros(()), {})
+    per_layer = moe_stats(stage)
+    if not per_layer:
+        return StageOutput(out, out.new_zeros(()), {})
+    if len(per_layer) == 1:
+        stats = next(iter(per_layer.values()))
+    else:
+        stats = {f"{name}.{k}": v for name, s in per_layer.items() for k, v in s.items()}
+    return StageOutput(out, moe_aux_loss(stage), stats)
 
 
 class Network(nn.Module):
@@ -112,6 +124,9 @@ class Network(nn.Module):
             if isinstance(m, MoE):
                 experts = sum(p.numel() for p in (m.w1, m.b1, m.w2, m.b2)) - masked_out(m)
                 total -= experts - experts * m.k // m.n_experts
+            elif isinstance(m, ConvMoE):
+                experts = sum(p.numel() for p in m.experts.parameters())
+                total -= experts - experts * m.k // m.n_experts
         return total
 
 
@@ -145,31 +160,52 @@ def build_dense_stage(cfg: DenseStageConfig, in_shape: Shape) -> nn.Module:
 
 
 def build_moe_stage(cfg: MoEStageConfig, in_shape: Shape) -> nn.Module:
-    (d_in,) = in_shape
+    """A vector MoE stage, or on a feature map ``(c, *s)`` one that routes every position
+    (``routing: position``) or every sample to conv experts (``routing: sample``)."""
+    d_in, spatial = in_shape[0], tuple(in_shape[1:])
+    norm = conv_norm(cfg.norm, len(spatial), 1) if spatial else NORMS[cfg.norm]
+    if spatial and cfg.routing == "sample":
+        moe = ConvMoE(
+            in_shape,
+            cfg.width,
+            cfg.experts,
+            cfg.k,
+            kernel=cfg.kernel,
+            act_layer=ACTIVATIONS[cfg.activation],
+            **routing_kwargs(cfg),
+        )
+        return GatedStage(moe, norm, dropout=cfg.dropout, residual=cfg.residual, spatial=spatial)
     moe = MoE(
         d_in,
         cfg.width,
         cfg.experts,
         cfg.k,
         cfg.expert_hidden,
-        router=cfg.router,
-        capacity_factor=cfg.capacity_factor,
-        eval_capacity_factor=cfg.eval_capacity_factor,
-        drop=cfg.drop,
-        balance=cfg.balance,
-        balance_weight=cfg.balance_weight,
-        z_loss_weight=cfg.z_loss_weight,
         act_layer=ACTIVATIONS[cfg.activation],
         expert_dropout=cfg.expert_dropout,
         expert_wirings=expert_wirings(cfg, d_in),
+        **routing_kwargs(cfg),
     )
     shared = None
     if cfg.shared_hidden:
         act = ACTIVATIONS[cfg.activation]
         shared = shared_expert(d_in, cfg.shared_hidden, cfg.width, act, cfg.expert_dropout)
     return GatedStage(
-        moe, NORMS[cfg.norm], dropout=cfg.dropout, residual=cfg.residual, shared=shared
+        moe, norm, dropout=cfg.dropout, residual=cfg.residual, shared=shared, spatial=spatial
     )
+
+
+def routing_kwargs(cfg: MoEStageConfig) -> dict[str, Any]:
+    """The router, capacity, drop and loss arguments every routed layer takes."""
+    return {
+        "router": cfg.router,
+        "capacity_factor": cfg.capacity_factor,
+        "eval_capacity_factor": cfg.eval_capacity_factor,
+        "drop": cfg.drop,
+        "balance": cfg.balance,
+        "balance_weight": cfg.balance_weight,
+        "z_loss_weight": cfg.z_loss_weight,
+    }
 
 
 def build_wiring(
@@ -273,7 +309,7 @@ STAGE_BUILDERS: dict[str, StageBuilder] = {
     "flatten": lambda cfg, in_shape: Flatten(in_shape),
     "sparse_conv": build_sparse_conv_stage,
 }
-VECTOR_KINDS = ("dense", "moe", "sparse")  # stage kinds that read a vector [b, d]
+VECTOR_KINDS = ("dense", "sparse")  # stage kinds that read a vector [b, d]
 
 
 def register_stage(kind: str, builder: StageBuilder) -> None:

@@ -66,3 +66,35 @@ def test_cli_rejects_a_non_positive_size(tmp_path):
     )
     assert result.exit_code != 0
     assert "--tokens [0]: every value must be at least 1" in result.output
+
+
+def test_bf16_and_compiled_rows_sit_beside_float32(tmp_path, monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real(m, backend="aot_eager"))  # no codegen
+    result = run(
+        [2], [1], [16], d=8, h=16, repeats=1, warmup=1, threads=1, dtypes=("float32", "bfloat16"),
+        compiled=True, out=tmp_path / "m.json", echo=print,
+    )  # fmt: skip
+    rows = {(r["dtype"], r["impl"]): r for r in result["rows"]}
+    assert rows["bfloat16", "neuroplex (compiled)"]["fwd_bwd"] > 0
+    assert rows["float32", "dense FFN (compiled)"]["fwd_bwd"] > 0
+    assert rows["bfloat16", "mixture-of-experts (no drop)"]["skip"] == "float32 on CPU only"
+    assert result["router"] == "noisy_topk" and result["clock"] == "process CPU time"
+    md = (tmp_path / "m.md").read_text()
+    assert "| bfloat16 | 2 | 1 | 16 |" in md and "compiled vs dense" in md
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_cuda_rows_record_peak_memory(tmp_path):
+    result = run([2], [1], [64], d=8, h=16, repeats=1, warmup=0, threads=1, device="cuda")
+    ours = next(r for r in result["rows"] if r["impl"] == "neuroplex")
+    assert ours["peak_mib"] > 0 and result["clock"] == "CUDA wall time"
+
+
+def test_cli_rejects_a_missing_device_and_an_unknown_dtype(tmp_path):
+    out = ["--out", str(tmp_path / "m.json")]
+    bad = CliRunner().invoke(app, ["bench", "moe", "--dtype", "int8", *out])
+    assert bad.exit_code != 0 and "--dtype 'int8': expected one of float32" in bad.output
+    if not torch.cuda.is_available():
+        gone = CliRunner().invoke(app, ["bench", "moe", "--device", "cuda", *out])
+        assert "--device cuda: no CUDA device is available" in gone.output

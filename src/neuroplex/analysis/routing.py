@@ -1,9 +1,10 @@
 """MoE routing of a trained network on a probe set: where tokens go and whether it tracks class.
 
-Per MoE stage: load per expert (fraction of the top-k assignments), the [experts x classes]
-routing matrix of top-1 choices, the mutual information between top-1 expert and class label
-(bits, and normalised by the class entropy), and two routing entropies (mean per-token entropy
-of the full gate distribution; entropy of the mean load). All entropies are in bits.
+Per MoE stage (vector inputs; on feature maps each routed position, labelled by its sample's
+class, or each routed sample): load per expert (fraction of the top-k assignments), the
+[experts x classes] routing matrix of top-1 choices, the mutual information between top-1
+expert and class label (bits, and normalised by the class entropy), and two routing entropies
+(mean per-token entropy of the full gate distribution; entropy of the mean load), in bits.
 Shape legend: ``n`` probe samples, ``k`` chosen experts per sample, ``e`` experts,
 ``c`` classes.
 """
@@ -17,31 +18,32 @@ import torch
 from torch import nn
 
 from neuroplex.analysis.functional import evaluating
-from neuroplex.layers.moe import MoE
+from neuroplex.layers.moe import Routed
 from neuroplex.layers.routers import RouterOutput
 from neuroplex.network import Network
 
 
-def moe_of(stage: nn.Module) -> MoE | None:
-    """The mixture of experts a stage routes with (the stage itself or its ``moe``), or None."""
-    if isinstance(stage, MoE):
+def moe_of(stage: nn.Module) -> Routed | None:
+    """The routed layer a stage routes with (the stage itself or its ``moe``), or None."""
+    if isinstance(stage, Routed):
         return stage
     inner = getattr(stage, "moe", None)
-    return inner if isinstance(inner, MoE) else None
+    return inner if isinstance(inner, Routed) else None
 
 
 def router_choices(model: Network, x: torch.Tensor) -> dict[int, RouterOutput]:
-    """Each MoE stage's routing of ``x [n, d_in]``, keyed by stage index, in eval mode.
+    """Each MoE stage's routing of ``x [n, *in_shape]``, keyed by stage index, in eval mode.
 
-    Every MoE sees its real input (the previous stage's output); no state changes.
+    Every MoE sees its real input (the previous stage's output); no state changes. A stage
+    that routes positions of a feature map gives ``n * positions`` tokens, sample-major.
     """
-    moes = {i: moe for i, stage in enumerate(model.stages) if (moe := moe_of(stage)) is not None}
+    moes = {i: s for i, s in enumerate(model.stages) if moe_of(s) is not None}
     if not moes:
         return {}
     with evaluating(model):
         features = model.forward_stages(x).features
         inputs = [x, *features[:-1]]
-        return {i: moe.route(inputs[i]) for i, moe in moes.items()}
+        return {i: getattr(s, "route", moe_of(s).route)(inputs[i]) for i, s in moes.items()}
 
 
 def entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -115,8 +117,11 @@ def routing_report(route: RouterOutput, y: np.ndarray, n_classes: int) -> dict[s
 def routing_analysis(
     model: Network, x: torch.Tensor, y: torch.Tensor, n_classes: int
 ) -> dict[int, dict[str, Any]]:
-    """:func:`routing_report` for every MoE stage of ``model`` on ``x [n, d_in]``, ``y [n]``."""
+    """:func:`routing_report` for every MoE stage of ``model`` on ``x [n, *in_shape]``,
+    ``y [n]``; a token routed per position carries its sample's label."""
     labels = y.cpu().numpy()
-    return {
-        i: routing_report(route, labels, n_classes) for i, route in router_choices(model, x).items()
-    }
+    reports = {}
+    for i, route in router_choices(model, x).items():
+        per_sample = route.indices.shape[0] // max(len(labels), 1)  # positions per sample
+        reports[i] = routing_report(route, np.repeat(labels, per_sample), n_classes)
+    return reports

@@ -5,14 +5,23 @@ tokens ``t``) every implementation is built with the same ``d``, ``e``, ``k`` an
 width ``h``, then timed in interleaved rounds (one call of each per round, so machine noise hits
 them alike), median over the rounds after warm-up. Implementations:
 
-- ``neuroplex``: ``neuroplex.layers.moe.MoE``, softmax top-k router (the peers add no noise
-  either), no capacity limit;
+- ``neuroplex``: ``neuroplex.layers.moe.MoE`` with its default router (noisy top-k; ``--router``
+  picks another), no capacity limit;
 - ``dense FFN``: ``d -> k*h -> d``, the same *active* parameters and FLOPs, no routing: the limit;
+- with ``--compile``, both again under ``torch.compile`` (``... (compiled)``), compared with
+  each other;
 - ``mixture-of-experts`` and ``st-moe-pytorch`` (extra ``bench``), once configured to drop no
   token (capacity = all tokens, every second choice kept) and once at their defaults (capacity
   factor 1.25, second choice kept at random). Their dispatch builds dense one-hot
   ``[tokens, e, capacity]`` tensors; a size whose tensor would exceed ``max_dispatch_gib`` is
-  skipped and the table says why. st-moe-pytorch supports only ``k >= 2``.
+  skipped and the table says why. st-moe-pytorch supports only ``k >= 2``. Peers run in
+  float32 eager only.
+
+Every size runs once per ``--dtype`` (float32, bfloat16: modules and inputs in that dtype).
+Clock: on CPU the process CPU time (``time.process_time``, every thread), because the machine
+these figures come from is shared and wall-clock ratios swing with the load; on CUDA wall time
+after ``torch.cuda.synchronize()``, and each row records ``torch.cuda.max_memory_allocated``
+of its forward + backward (``peak_mib``).
 
 Shapes: our layer and the FFN take ``[t, d]``; the peers take ``[1, t, d]`` (one group).
 """
@@ -51,19 +60,24 @@ def dense_ffn(d: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
 
 
-def ours(d: int, h: int, e: int, k: int) -> Candidate:
-    moe = MoE(d, d, e, k, h, router="softmax_topk", capacity_factor=None)
+def ours(d: int, h: int, e: int, k: int, router: str, compiled: bool = False) -> Candidate:
+    moe = MoE(d, d, e, k, h, router=router, capacity_factor=None)
+    run = torch.compile(moe) if compiled else moe
 
     def call(x: Tensor) -> tuple[Tensor, Tensor]:
-        out = moe(x)
-        return out.x, out.aux_loss
+        out = run(x)
+        return out, moe.aux_loss
 
-    return Candidate("neuroplex", moe, call)
+    return Candidate("neuroplex" + COMPILED * compiled, moe, call)
 
 
-def dense(d: int, h: int, k: int) -> Candidate:
+def dense(d: int, h: int, k: int, compiled: bool = False) -> Candidate:
     ffn = dense_ffn(d, k * h)
-    return Candidate("dense FFN", ffn, lambda x: (ffn(x), x.new_zeros(())))
+    run = torch.compile(ffn) if compiled else ffn
+    return Candidate("dense FFN" + COMPILED * compiled, ffn, lambda x: (run(x), x.new_zeros(())))
+
+
+COMPILED = " (compiled)"
 
 
 def peer_dispatch_gib(tokens: int, e: int, capacity_factor: float | None) -> float:
@@ -135,56 +149,93 @@ def build_st_moe(d: int, h: int, e: int, k: int, no_drop: bool) -> nn.Module:
         )
 
 
-def candidates(d: int, h: int, e: int, k: int, tokens: int, max_gib: float) -> list[Candidate]:
-    found = [ours(d, h, e, k), dense(d, h, k)]
+@dataclass
+class Setup:
+    """What every size of one run shares."""
+
+    router: str = "noisy_topk"
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    compiled: bool = False
+    max_gib: float = 2.0
+
+
+def candidates(d: int, h: int, e: int, k: int, tokens: int, setup: Setup) -> list[Candidate]:
+    found = [ours(d, h, e, k, setup.router), dense(d, h, k)]
+    if setup.compiled:
+        found += [ours(d, h, e, k, setup.router, compiled=True), dense(d, h, k, compiled=True)]
     for package in PEERS:
         for no_drop in (True, False):
-            found.append(peer(package, d, h, e, k, tokens, no_drop, max_gib))
+            c = peer(package, d, h, e, k, tokens, no_drop, setup.max_gib)
+            if c.skip is None and (setup.dtype != torch.float32 or setup.device.type != "cpu"):
+                c = Candidate(c.name, None, None, "float32 on CPU only")
+            found.append(c)
+    for c in found:
+        if c.module is not None:
+            c.module.to(setup.device, setup.dtype)
     return found
 
 
 def time_rounds(
     runnable: list[Candidate], x: Tensor, repeats: int, warmup: int
 ) -> dict[str, dict[str, float]]:
-    """Median seconds of forward (``no_grad``) and forward+backward per candidate.
+    """Median seconds of forward (``no_grad``) and forward+backward per candidate (and, on
+    CUDA, the largest ``peak_mib`` of its forward + backward).
 
     All modules in training mode. Each round calls every candidate once, in turn.
     """
     times: dict[str, dict[str, list[float]]] = {
-        c.name: {"fwd": [], "fwd_bwd": []} for c in runnable
+        c.name: {"fwd": [], "fwd_bwd": [], "peak_mib": []} for c in runnable
     }
     for i in range(warmup + repeats):
         for c in runnable:
-            fwd, fwd_bwd = time_once(c, x)
+            measured = time_once(c, x)
             if i >= warmup:
-                times[c.name]["fwd"].append(fwd)
-                times[c.name]["fwd_bwd"].append(fwd_bwd)
-    return {n: {m: statistics.median(v) for m, v in t.items()} for n, t in times.items()}
+                for metric, value in measured.items():
+                    times[c.name][metric].append(value)
+    return {
+        n: {m: statistics.median(v) if m != "peak_mib" else max(v) for m, v in t.items() if v}
+        for n, t in times.items()
+    }
 
 
-def time_once(c: Candidate, x: Tensor) -> tuple[float, float]:
+def clock(device: torch.device) -> float:
+    """Seconds: CUDA wall time after a sync; on CPU the process CPU time (see the module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return time.process_time()
+
+
+def time_once(c: Candidate, x: Tensor) -> dict[str, float]:
     assert c.module is not None and c.call is not None
     c.module.train()
     c.module.zero_grad(set_to_none=True)
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = clock(x.device)
         c.call(x)
-        fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        fwd = clock(x.device) - t0
+    if x.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(x.device)
+    t0 = clock(x.device)
     out, aux = c.call(x)
-    (out.square().mean() + aux).backward()
-    return fwd, time.perf_counter() - t0
+    (out.float().square().mean() + aux).backward()
+    measured = {"fwd": fwd, "fwd_bwd": clock(x.device) - t0}
+    if x.device.type == "cuda":
+        measured["peak_mib"] = torch.cuda.max_memory_allocated(x.device) / 2**20
+    return measured
 
 
 def measure_size(
-    d: int, h: int, e: int, k: int, tokens: int, repeats: int, warmup: int, max_gib: float
+    d: int, h: int, e: int, k: int, tokens: int, repeats: int, warmup: int, setup: Setup
 ) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    found = candidates(d, h, e, k, tokens, max_gib)
-    x = torch.randn(tokens, d)
+    found = candidates(d, h, e, k, tokens, setup)
+    x = torch.randn(tokens, d, device=setup.device, dtype=setup.dtype)
     runnable = [c for c in found if c.skip is None]
     medians = time_rounds(runnable, x, repeats, warmup)
-    size = {"d": d, "h": h, "experts": e, "k": k, "tokens": tokens}
+    dtype = str(setup.dtype).removeprefix("torch.")
+    size = {"dtype": dtype, "d": d, "h": h, "experts": e, "k": k, "tokens": tokens}
     return [
         {
             **size,
@@ -207,58 +258,77 @@ def run(
     warmup: int = 2,
     threads: int = 2,
     max_gib: float = 2.0,
+    router: str = "noisy_topk",
+    dtypes: tuple[str, ...] = ("float32",),
+    device: str = "cpu",
+    compiled: bool = False,
     out: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every size, one after another; JSON and table rewritten after each size."""
+    """Every dtype and size, one after another; JSON and table rewritten after each size."""
     torch.set_num_threads(threads)
     result: dict[str, Any] = {
-        "machine": machine(),
+        "machine": machine()
+        + (f", {torch.cuda.get_device_name(device)}" if "cuda" in device else ""),
         "threads": threads,
         "repeats": repeats,
         "warmup": warmup,
+        "router": router,
+        "clock": "CUDA wall time" if "cuda" in device else "process CPU time",
         "rows": [],
     }
-    for e in experts:
-        for k in ks:
-            if k > e:
-                continue
-            for t in tokens:
-                result["rows"] += measure_size(d, h, e, k, t, repeats, warmup, max_gib)
-                echo(f"experts={e} k={k} tokens={t} done")
-                if out is not None:
-                    write(result, out, table)
+    for name in dtypes:
+        setup = Setup(router, getattr(torch, name), torch.device(device), compiled, max_gib)
+        for e, k, t in ((e, k, t) for e in experts for k in ks for t in tokens if k <= e):
+            result["rows"] += measure_size(d, h, e, k, t, repeats, warmup, setup)
+            echo(f"{name} experts={e} k={k} tokens={t} done")
+            if out is not None:
+                write(result, out, table)
     return result
 
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: a forward + backward table, then a forward-only table."""
     head = (
-        f"{result['machine']}, {result['threads']} threads, training mode, median of "
+        f"{result['machine']}, {result['threads']} threads, training mode, router "
+        f"{result.get('router', 'softmax_topk')}, {result.get('clock', 'wall time')}, median of "
         f"{result['repeats']} interleaved rounds after {result['warmup']} warm-up. `neuroplex` in "
-        "ms; `vs dense` = dense FFN time ÷ ours (≥ 1: as fast as the dense FFN); the peers as "
-        "their time ÷ ours (> 1: slower than ours)."
+        "ms; `vs dense` = dense FFN time ÷ ours (≥ 1: as fast as the dense FFN; compiled: "
+        "compiled dense ÷ compiled ours); the peers as their time ÷ ours (> 1: slower than ours)."
     )
     return metric_sections(head, lambda metric: metric_table(result, metric))
 
 
 def metric_table(result: dict[str, Any], metric: str) -> str:
     names = list(dict.fromkeys(r["impl"] for r in result["rows"]))
-    others = [n for n in names if n not in ("neuroplex", "dense FFN")]
+    mine_names = ("neuroplex", "dense FFN", "neuroplex" + COMPILED, "dense FFN" + COMPILED)
+    compiled = "neuroplex" + COMPILED in names
+    others = [n for n in names if n not in mine_names]
+    extra = " compiled (ms) | compiled vs dense |" if compiled else ""
     lines = [
-        "| experts | k | tokens | neuroplex (ms) | vs dense | " + " | ".join(others) + " |",
-        "|---" * (5 + len(others)) + "|",
+        "| dtype | experts | k | tokens | neuroplex (ms) | vs dense |"
+        + extra
+        + "".join(f" {n} |" for n in others),
+        "|---" * (6 + 2 * compiled + len(others)) + "|",
     ]
-    groups: dict[tuple[int, int, int], dict[str, dict]] = {}
+    groups: dict[tuple, dict[str, dict]] = {}
     for r in result["rows"]:
-        groups.setdefault((r["experts"], r["k"], r["tokens"]), {})[r["impl"]] = r
-    for (e, k, t), rows in groups.items():
+        key = (r.get("dtype", "float32"), r["experts"], r["k"], r["tokens"])
+        groups.setdefault(key, {})[r["impl"]] = r
+    for key, rows in groups.items():
+        cells = [str(v) for v in key] + _versus(rows, "", metric)
+        if compiled:
+            cells += _versus(rows, COMPILED, metric)
         mine = rows["neuroplex"][metric]
-        cells = [str(e), str(k), str(t), f"{1000 * mine:.1f}"]
-        cells.append(f"{rows['dense FFN'][metric] / mine:.2f}")
         cells += [_relative(rows.get(n), metric, mine) for n in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _versus(rows: dict[str, dict], suffix: str, metric: str) -> list[str]:
+    """Our time in ms and the dense FFN's time ÷ ours, both with ``suffix``."""
+    mine = rows["neuroplex" + suffix][metric]
+    return [f"{1000 * mine:.1f}", f"{rows['dense FFN' + suffix][metric] / mine:.2f}"]
 
 
 def _relative(row: dict | None, metric: str, mine: float) -> str:

@@ -52,15 +52,27 @@ def bench_moe(
     max_dispatch_gib: Annotated[
         float, typer.Option(min=0.0, help="skip a peer whose one-hot dispatch exceeds this")
     ] = 2.0,
+    router: Annotated[str, typer.Option(help="our MoE's router")] = "noisy_topk",
+    dtype: Annotated[
+        list[str], typer.Option(help="float32, bfloat16, float16 or float64; repeatable")
+    ] = ["float32"],  # noqa: B006
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="also time ours and the dense FFN compiled")
+    ] = False,
     out: Annotated[
         Path, typer.Option(help="JSON output (a .md table is written beside it)")
     ] = Path("docs/bench/moe.json"),
 ) -> None:
     """Our MoE vs mixture-of-experts, st-moe-pytorch and the equal-active dense FFN."""
     from neuroplex.bench.moe import run, table
+    from neuroplex.layers.routers import ROUTERS
 
     for name, values in (("--experts", experts), ("--k", k), ("--tokens", tokens)):
         check_positive(name, values)
+    check_choice("--router", [router], list(ROUTERS))
+    check_choice("--dtype", dtype, ["float32", "bfloat16", "float16", "float64"])
+    check_device(device)
     result = run(
         experts,
         k,
@@ -71,6 +83,10 @@ def bench_moe(
         warmup=warmup,
         threads=threads,
         max_gib=max_dispatch_gib,
+        router=router,
+        dtypes=tuple(dtype),
+        device=device,
+        compiled=compile,
         out=out,
     )
     print(table(result))
@@ -166,3 +182,20 @@ def check_positive(option: str, values: list[int]) -> None:
     """One-line error for a repeated integer option with a value below 1."""
     if any(v < 1 for v in values):
         raise NeuroplexError(f"{option} {values}: every value must be at least 1")
+
+
+def check_choice(option: str, values: list[str], allowed: list[str]) -> None:
+    """One-line error for an option value outside ``allowed``."""
+    for value in values:
+        if value not in allowed:
+            raise NeuroplexError(f"{option} {value!r}: expected one of {', '.join(allowed)}")
+
+
+def check_device(device: str) -> None:
+    """``cpu``, or ``cuda`` when a CUDA device is present: one line otherwise."""
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise NeuroplexError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NeuroplexError("--device cuda: no CUDA device is available on this machine")

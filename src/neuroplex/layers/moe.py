@@ -1,36 +1,52 @@
 """A gated mixture of expert MLPs with sort-based dispatch, load-balance and router z-losses.
 
-Shape legend: ``b`` tokens, ``d`` features (``d_in`` in, ``d_out`` out), ``e`` experts,
-``k`` chosen experts per token, ``a = b * k`` assignments, ``c`` capacity per expert,
-``h`` expert hidden width.
+Shape legend: ``*`` any leading dimensions, ``b`` tokens (every leading position), ``d``
+features (``d_in`` in, ``d_out`` out), ``e`` experts, ``k`` chosen experts per token,
+``a = b * k`` assignments, ``c`` capacity per expert, ``h`` expert hidden width.
 
 Dispatch: the ``[b, k]`` choices are flattened choice-major (every token's first choice in token
-order, then every second choice, ...), stably sorted by expert, counted with ``bincount``; the
-token rows are gathered with ``index_select``, run through the experts, scaled by their gate and
-summed back per token with ``index_add``. No loop over tokens, no ``[b, e, c]`` one-hot.
+order, then every second choice, ...), stably sorted by expert and counted; the token rows are
+gathered, run through the experts (``moe_kernels.py``), scaled by their gate and summed back per
+token. No loop over tokens, no ``[b, e, c]`` one-hot.
 
 Capacity: expert ``i`` keeps its first ``c = ceil(factor * k * b / e)`` assignments in that
 choice-major order (so a first choice always beats a second choice, then earlier tokens win)
-and drops the rest. A token that loses only some choices just loses those experts'
-contributions; a token that loses all of them passes ``x`` through (``drop="residual"``) or
-outputs zeros (``drop="zero"``). Balance losses see the router's choices before any drop.
+and drops the rest; ``b`` counts the tokens over all leading dimensions of the call. A token
+that loses only some choices just loses those experts' contributions; a token that loses all of
+them outputs zeros (``drop="zero"``) or passes ``x`` through (``drop="residual"``). Balance
+losses see the router's choices before any drop.
+
+Side results: ``forward`` returns a plain tensor, so the layer drops into ``nn.Sequential`` or a
+transformer block. Each call leaves its weighted auxiliary loss in ``moe.aux_loss`` (with its
+graph) and its detached routing statistics in ``moe.stats``; :func:`moe_aux_loss` sums the
+``aux_loss`` of every MoE in a model and :func:`moe_stats` gathers their ``stats`` by module
+name. Both read the latest call of each layer: call them after the forward the loss belongs to.
+
+Precision: under ``torch.autocast`` the router and the aux losses run in float32 (the Switch
+Transformer's selective precision: the softmax and top-k decide the routing) and the experts in
+the autocast dtype; in a plain dtype everything runs in it, the losses in at least float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from neuroplex.layers.output import StageOutput
-from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes
+from neuroplex.layers.moe_kernels import DISPATCH_KERNELS, Experts, combine
+from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes, count_per_expert
 from neuroplex.wiring import Wiring
 
 BALANCES = ("cv2", "switch")
 DROPS = ("residual", "zero")
-# Default "loop". Measured fwd+bwd, training, noisy_topk, no capacity, d 256, h 1024, 2 threads,
+# Default "auto": "bmm" where the graph must have static shapes (compiling or exporting with a
+# capacity, meta tensors, export without one), "grouped" for bfloat16/float16 on CUDA (the
+# fused kernel F.grouped_mm targets; not measured here: no GPU), else "loop".
+# Measured fwd+bwd, training, noisy_topk, no capacity, d 256, h 1024, 2 threads,
 # models interleaved in one process; speed vs the equal-active dense FFN d -> k*h -> d (> 1 is
 # faster). Process CPU time with OMP_WAIT_POLICY=PASSIVE, because other jobs kept both cores
 # busy (load 5-7) and wall-clock ratios swung by +-20%; medians of 16 rounds:
@@ -41,7 +57,12 @@ DROPS = ("residual", "zero")
 #   4  2  4096     0.95  0.96 |  8  2  4096     0.93  0.93 |  32  2  4096     0.81  0.82
 # Loop was at least as fast as bmm in 11 of 12 rows (bmm pads every expert to the largest
 # count). At 32 experts both pay for 32/k times the dense FFN's weights and weight gradients.
-DISPATCHES = ("loop", "bmm")
+# F.grouped_mm (torch 2.13, CPU) on the two expert layers alone, 8192 expert-sorted rows, same
+# conditions, medians of 9 interleaved rounds, ms (loop / grouped / dense FFN at equal FLOPs):
+# fp32 e 4: 278 / 311 / 268; e 8: 281 / 317 / 257; e 32: 366 / 394 / 259; bf16 e 8: 106 / 110 /
+# 89; fp32 e 8 at 2048 rows: 80 / 79 / 58. Grouped never beat the loop by more than noise on
+# CPU (its CPU kernel takes no bias, and per group it runs the same matmuls), so CPU keeps loop.
+DISPATCHES = ("auto", "loop", "grouped", "bmm")
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -67,12 +88,176 @@ def router_z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=1).square().mean()
 
 
+class Plan(NamedTuple):
+    """The assignments sorted by expert, as the dispatch kernels take them."""
+
+    expert: Tensor  # [a] long, sorted
+    gate: Tensor  # [a]
+    token: Tensor  # [a] long
+    rank: Tensor  # [a] long, position within its expert (choice-major order)
+    counts: Tensor  # [e] long, assignments per expert before drops
+    cap: int | None  # capacity per expert; None = no drop
+
+
+def moe_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the ``aux_loss`` every routed layer (:class:`MoE`, ``ConvMoE``) in ``model`` left
+    at its latest call, ``[]`` (0 when there is none); add it to the task loss before
+    ``backward``."""
+    losses = [
+        m.aux_loss for m in model.modules() if isinstance(m, Routed) and m.aux_loss is not None
+    ]
+    if not losses:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return sum(losses[1:], losses[0])
+
+
+def moe_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """The ``stats`` of every routed layer (:class:`MoE`, ``ConvMoE``) in ``model`` from its
+    latest call, keyed by module name (``""`` for ``model`` itself); layers not called yet are
+    left out."""
+    return {
+        name: m.stats
+        for name, m in model.named_modules()
+        if isinstance(m, Routed) and m.stats is not None
+    }
+
+
 def expert_capacity(factor: float | None, k: int, tokens: int, n_experts: int) -> int | None:
     """Per-expert capacity ``ceil(factor * k * tokens / e)``; ``None`` means no limit."""
     return None if factor is None else math.ceil(factor * k * tokens / n_experts)
 
 
-class MoE(nn.Module):
+def build_router(
+    router: str | nn.Module, d_in: int, n_experts: int, k: int, device=None, dtype=None
+) -> nn.Module:
+    """A router by name from ``ROUTERS``, or a given module checked against ``n_experts``/``k``."""
+    if isinstance(router, str):
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}.")
+        return ROUTERS[router](d_in, n_experts, k, device=device, dtype=dtype)
+    if not isinstance(router, nn.Module):
+        raise ValueError(f"router must be a name or an nn.Module, got {router!r}.")
+    if getattr(router, "n_experts", n_experts) != n_experts:
+        raise ValueError(f"router has {router.n_experts} experts but n_experts is {n_experts}.")
+    if getattr(router, "k", k) != k:
+        raise ValueError(f"router chooses k={router.k} experts but k is {k}.")
+    return router
+
+
+class Routed(nn.Module):
+    """What every routed layer shares: the router, capacity, drops, the aux losses and the side
+    results it leaves (``aux_loss``, ``stats``). ``d_route`` is the router's input width.
+
+    Subclasses build their experts and call, in ``forward``: :meth:`_route`, :meth:`_sort`, their
+    expert kernel, ``combine``, :meth:`_drops`, :meth:`_losses`, :meth:`_store`.
+    """
+
+    def __init__(
+        self,
+        d_route: int,
+        n_experts: int,
+        k: int,
+        *,
+        router: str | nn.Module,
+        capacity_factor: float | None,
+        eval_capacity_factor: float | None,
+        drop: str,
+        balance: str,
+        balance_weight: float,
+        z_loss_weight: float,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_sizes(d_route, n_experts, k)
+        for name, value in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or None, got {value}.")
+        if drop not in DROPS:
+            raise ValueError(f"drop must be one of {', '.join(DROPS)}, got {drop!r}.")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}.")
+        self.router = build_router(router, d_route, n_experts, k, device=device, dtype=dtype)
+        self.n_experts, self.k = n_experts, k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.drop, self.balance = drop, balance
+        self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
+        self.aux_loss: Tensor | None = None  # weighted aux loss of the latest call, with its graph
+        self.stats: dict[str, Tensor] | None = None  # detached statistics of the latest call
+
+    def _route(self, tokens: Tensor) -> RouterOutput:
+        """The router on ``[b, d_in]``; under autocast in float32, outside it."""
+        if not _autocast_on(tokens):
+            return self.router(tokens)
+        p = next(self.router.parameters(), None)
+        with _no_autocast(tokens):
+            return self.router(tokens.to(torch.float32 if p is None else p.dtype))
+
+    def _sort(self, x: Tensor, route: RouterOutput) -> Plan:
+        """The ``[b, k]`` choices as expert-sorted assignments, their counts and the capacity."""
+        b, k = route.indices.shape  # k may exceed self.k for dense-to-sparse routers
+        e, a = self.n_experts, route.indices.numel()
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        expert = route.indices.t().reshape(-1)  # [a] choice-major: all 1st choices, then 2nd...
+        gate = route.gates.t().reshape(-1)  # [a]
+        token = torch.arange(b, device=x.device).repeat(k)  # [a]
+        order = torch.argsort(expert, stable=True)  # stable keeps choice-major order per expert
+        expert, gate, token = expert[order], gate[order], token[order]
+        counts = count_per_expert(expert, e)  # [e] before drops
+        rank = torch.arange(a, device=x.device) - (counts.cumsum(0) - counts)[expert]  # [a]
+        return Plan(expert, gate, token, rank, counts, expert_capacity(factor, k, b, e))
+
+    def _drops(self, x: Tensor, out: Tensor, plan: Plan) -> tuple[Tensor, Tensor, Tensor]:
+        """``out [b, d_out]`` with ``x`` for tokens that lost every choice under
+        ``drop="residual"``, the number of dropped assignments ``[]`` and those tokens ``[b]``."""
+        b = x.shape[0]
+        if plan.cap is None:
+            return out, x.new_zeros((), dtype=torch.long), x.new_zeros(b, dtype=torch.bool)
+        kept = (plan.rank < plan.cap).long()  # [a]
+        all_dropped = kept.new_zeros(b).index_add(0, plan.token, kept) == 0  # [b]
+        if self.drop == "residual":
+            out = torch.where(all_dropped[:, None], x, out)
+        return out, kept.numel() - kept.sum(), all_dropped
+
+    def _losses(
+        self, route: RouterOutput, plan: Plan, n_drop: Tensor, all_dropped: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted aux loss ``[]`` and the detached stats, in at least float32."""
+        ldt = torch.promote_types(route.logits.dtype, torch.float32)
+        e, a = self.n_experts, route.indices.numel()
+        logits, probs = route.logits.to(ldt), route.probs.to(ldt)
+        counts = plan.counts.to(ldt)
+        if self.balance == "cv2":  # importance [e]: gate mass per expert
+            importance = logits.new_zeros(e).index_add(0, plan.expert, plan.gate.to(ldt))
+            balance = cv_squared(importance) + cv_squared(route.load.to(ldt))
+        else:
+            balance = switch_balance(counts, probs)
+        z = router_z_loss(logits)
+        aux = self.balance_weight * balance + self.z_loss_weight * z
+        stats = {
+            "load": (counts / max(a, 1)).detach(),
+            "dropped_frac": (n_drop.to(ldt) / max(a, 1)).detach(),
+            "dropped_tokens": all_dropped.to(ldt).mean().detach(),
+            "gate_entropy": torch.special.entr(probs).sum(dim=1).mean().detach(),
+            "balance_loss": balance.detach(),
+            "z_loss": z.detach(),
+        }
+        return aux, stats
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the latest call's side results (they hold a graph)."""
+        return {**self.__dict__, "aux_loss": None, "stats": None}
+
+    def _store(self, aux: Tensor, stats: dict[str, Tensor]) -> None:
+        if not torch.compiler.is_exporting():  # an exported graph returns the output only
+            self.aux_loss, self.stats = aux, stats
+
+
+class MoE(Routed):
     """Mixture of ``n_experts`` two-layer MLP experts, ``k`` per token, chosen by a router.
 
     Args:
@@ -84,8 +269,8 @@ class MoE(nn.Module):
         router: a name in ``ROUTERS`` or a router module (see ``routers.py``).
         capacity_factor: training capacity factor; ``None`` never drops.
         eval_capacity_factor: the same in eval mode.
-        drop: what a token whose every choice was dropped outputs: ``"residual"`` (``x``, needs
-            ``d_in == d_out``) or ``"zero"``.
+        drop: what a token whose every choice was dropped outputs: ``"zero"`` or
+            ``"residual"`` (``x``, needs ``d_in == d_out``).
         balance: ``"cv2"`` (Shazeer: cv²(importance) + cv²(load)) or ``"switch"``.
         balance_weight: weight of the balance loss in ``aux_loss``.
         z_loss_weight: weight of the router z-loss in ``aux_loss``.
@@ -95,10 +280,18 @@ class MoE(nn.Module):
         expert_wirings: sparse experts: two ``Wiring`` s (``d_in -> h`` and ``h -> d_out``)
             shared by every expert; their unit masks multiply the expert weights, and each
             hidden or output unit is initialised for its real fan-in.
-        dispatch: ``"loop"`` (one matmul per expert on its sorted slice) or ``"bmm"`` (a padded
-            ``[e, c, d]`` buffer and batched matmuls; no host sync when a capacity is set).
+        dispatch: ``"auto"`` (see the note above ``DISPATCHES``), ``"loop"`` (one matmul per
+            expert on its sorted slice), ``"grouped"`` (``F.grouped_mm`` over the slices) or
+            ``"bmm"`` (a padded ``[e, c, d]`` buffer and batched matmuls; no host sync when a
+            capacity is set). All give the same outputs and gradients.
 
-    Shapes: ``[b, d_in] -> StageOutput(x [b, d_out], aux_loss [], stats)``.
+    Shapes: ``[*, d_in] -> [*, d_out]``; ``aux_loss []`` and ``stats`` are left on the layer.
+
+    ``torch.compile``: with a capacity factor set (in the mode being run) the whole layer
+    compiles with ``fullgraph=True``. Without one it has one graph break, the expert loop, whose
+    slice sizes are data (the dense-to-sparse routers add one more: their schedule is read as a
+    Python number). ``torch.export`` traces it for inference; without an eval capacity the
+    exported graph pads every expert to all tokens (exact, but ``e / k`` times the expert work).
     """
 
     def __init__(
@@ -112,56 +305,48 @@ class MoE(nn.Module):
         router: str | nn.Module = "noisy_topk",
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
-        drop: str = "residual",
+        drop: str = "zero",
         balance: str = "cv2",
         balance_weight: float = 1e-2,
         z_loss_weight: float = 1e-3,
         act_layer: type[nn.Module] = nn.GELU,
         expert_dropout: float = 0.0,
         expert_wirings: tuple[Wiring, Wiring] | None = None,
-        dispatch: str = "loop",
+        dispatch: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        check_sizes(d_in, n_experts, k)
+        super().__init__(
+            d_in,
+            n_experts,
+            k,
+            router=router,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            drop=drop,
+            balance=balance,
+            balance_weight=balance_weight,
+            z_loss_weight=z_loss_weight,
+            device=device,
+            dtype=dtype,
+        )
         for name, value in (("d_out", d_out), ("expert_hidden", expert_hidden)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
-        for name, value in (
-            ("capacity_factor", capacity_factor),
-            ("eval_capacity_factor", eval_capacity_factor),
-        ):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive or None, got {value}.")
         if not 0 <= expert_dropout < 1:
             raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}.")
-        if drop not in DROPS:
-            raise ValueError(f"drop must be one of {', '.join(DROPS)}, got {drop!r}.")
         if drop == "residual" and d_in != d_out:
             raise ValueError(
                 f'drop="residual" needs d_in == d_out, got {d_in} and {d_out}; use drop="zero".'
             )
-        if balance not in BALANCES:
-            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}.")
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {', '.join(DISPATCHES)}, got {dispatch!r}.")
-        if isinstance(router, str):
-            if router not in ROUTERS:
-                raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}.")
-            router = ROUTERS[router](d_in, n_experts, k, device=device, dtype=dtype)
-        elif not isinstance(router, nn.Module):
-            raise ValueError(f"router must be a name or an nn.Module, got {router!r}.")
-        elif getattr(router, "n_experts", n_experts) != n_experts:
-            raise ValueError(f"router has {router.n_experts} experts but n_experts is {n_experts}.")
-        elif getattr(router, "k", k) != k:
-            raise ValueError(f"router chooses k={router.k} experts but k is {k}.")
-        self.d_in, self.d_out, self.n_experts, self.k = d_in, d_out, n_experts, k
-        self.expert_hidden = expert_hidden
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.drop, self.balance, self.dispatch = drop, balance, dispatch
-        self.balance_weight, self.z_loss_weight = balance_weight, z_loss_weight
-        self.router = router
+        self.d_in, self.d_out, self.expert_hidden, self.dispatch = (
+            d_in,
+            d_out,
+            expert_hidden,
+            dispatch,
+        )
         self.expert_dropout = expert_dropout
         # the activation of the hidden units, then their dropout: both dispatch paths apply it
         self.act = act_layer()
@@ -197,70 +382,57 @@ class MoE(nn.Module):
                 w.uniform_(-1, 1).mul_(bound * m)
                 b.uniform_(-1, 1).mul_(bound)
 
-    def forward(self, x: Tensor) -> StageOutput:
-        """``[b, d_in] -> StageOutput(x [b, d_out], aux_loss [], stats)``.
-
-        ``stats`` (detached): ``load`` [e] fraction of assignments per expert before drops,
-        ``dropped_frac`` fraction of assignments dropped, ``dropped_tokens`` fraction of tokens
-        with every choice dropped, ``gate_entropy`` mean entropy of the full routing
-        distribution, ``balance_loss`` and ``z_loss`` unweighted.
+    def forward(self, x: Tensor) -> Tensor:
+        """``[*, d_in] -> [*, d_out]``. Leaves the weighted aux loss ``[]`` (with its graph) in
+        ``self.aux_loss`` and the detached statistics in ``self.stats``: ``load`` [e] fraction
+        of assignments per expert before drops, ``dropped_frac`` fraction of assignments
+        dropped, ``dropped_tokens`` fraction of tokens with every choice dropped,
+        ``gate_entropy`` mean entropy of the full routing distribution, ``balance_loss`` and
+        ``z_loss`` unweighted.
         """
-        route = self.route(x)
-        b, k = route.indices.shape  # k may exceed self.k for dense-to-sparse routers
-        e, a = self.n_experts, route.indices.numel()
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        cap = expert_capacity(factor, k, b, e)
-
-        expert = route.indices.t().reshape(-1)  # [a] choice-major: all 1st choices, then 2nd...
-        gate = route.gates.t().reshape(-1)  # [a]
-        token = torch.arange(b, device=x.device).repeat(k)  # [a]
-        order = torch.argsort(expert, stable=True)  # stable keeps choice-major order per expert
-        expert, gate, token = expert[order], gate[order], token[order]
-        counts = torch.bincount(expert, minlength=e)  # [e] before drops
-        rank = torch.arange(a, device=x.device) - (counts.cumsum(0) - counts)[expert]  # [a]
-
-        run = _dispatch_loop if self.dispatch == "loop" else _dispatch_bmm
-        y, y_gate, y_token = run(x, expert, gate, token, rank, counts, cap, self._experts())
-        out = _GatedCombine.apply(y, y_gate, y_token, b)  # [b, d_out]
-
-        n_drop, all_dropped = x.new_zeros(()), x.new_zeros(b, dtype=torch.bool)
-        if cap is not None:
-            kept = (rank < cap).long()  # [a]
-            n_drop = (a - kept.sum()).to(x.dtype)
-            all_dropped = kept.new_zeros(b).index_add(0, token, kept) == 0  # [b]
-            if self.drop == "residual":
-                out = torch.where(all_dropped[:, None], x, out)
-
-        counts_f = counts.to(x.dtype)
-        if self.balance == "cv2":
-            importance = x.new_zeros(e).index_add(0, expert, gate)  # [e] gate mass per expert
-            balance = cv_squared(importance) + cv_squared(route.load)
-        else:
-            balance = switch_balance(counts_f, route.probs)
-        z = router_z_loss(route.logits)
-        aux = self.balance_weight * balance + self.z_loss_weight * z
-        stats = {
-            "load": (counts_f / max(a, 1)).detach(),
-            "dropped_frac": (n_drop / max(a, 1)).detach(),
-            "dropped_tokens": all_dropped.to(x.dtype).mean().detach(),
-            "gate_entropy": torch.special.entr(route.probs).sum(dim=1).mean().detach(),
-            "balance_loss": balance.detach(),
-            "z_loss": z.detach(),
-        }
-        return StageOutput(out, aux, stats)
+        tokens = self._tokens(x)  # [b, d_in]
+        route = self._route(tokens)
+        xs = tokens.to(_compute_dtype(tokens))  # [b, d_in] in the experts' dtype
+        plan = self._sort(xs, route)
+        # the kernel call stays in forward itself: in the dropless loop it is the one graph
+        # break, and a break inside a helper would split every frame above it too
+        kernel = DISPATCH_KERNELS[self._pick_dispatch(xs, plan.cap)]
+        y, y_gate, y_token = kernel(xs, *plan, self._experts(xs.dtype))
+        out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
+        out, n_drop, all_dropped = self._drops(xs, out, plan)
+        aux, stats = self._losses(route, plan, n_drop, all_dropped)
+        self._store(aux, stats)
+        return out.view(*x.shape[:-1], self.d_out)
 
     def route(self, x: Tensor) -> RouterOutput:
-        """The router's choices for ``x [b, d_in]``, experts not run: ``indices, gates [b, k]``
-        (best first), ``logits, probs [b, e]``. Deterministic in eval mode (training-mode
-        routers draw noise), so analysis reads the routing the forward would use."""
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"MoE expects input [b, {self.d_in}], got {list(x.shape)}.")
-        return self.router(x)
+        """The router's choices for the tokens of ``x [*, d_in]``, experts not run:
+        ``indices, gates [b, k]`` (best first), ``logits, probs [b, e]``, ``b`` = every leading
+        position. Deterministic in eval mode (training-mode routers draw noise), so analysis
+        reads the routing the forward would use."""
+        return self._route(self._tokens(x))
 
-    def _experts(self) -> tuple[Tensor, Tensor, Tensor, Tensor, nn.Module]:
-        if self.expert_density is None:
-            return self.w1, self.b1, self.w2, self.b2, self.act
-        return self.w1 * self.mask1, self.b1, self.w2 * self.mask2, self.b2, self.act
+    def _tokens(self, x: Tensor) -> Tensor:
+        if x.ndim == 0 or x.shape[-1] != self.d_in:
+            raise ValueError(f"MoE expects input [*, {self.d_in}], got {list(x.shape)}.")
+        return x.reshape(-1, self.d_in)  # [b, d_in]
+
+    def _pick_dispatch(self, x: Tensor, cap: int | None) -> str:
+        if self.dispatch != "auto":
+            return self.dispatch
+        static = torch.compiler.is_compiling() and cap is not None
+        if static or x.device.type == "meta" or torch.compiler.is_exporting():
+            return "bmm"
+        if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+            return "grouped"
+        return "loop"
+
+    def _experts(self, dtype: torch.dtype) -> Experts:
+        """The expert weights in the compute ``dtype`` (a no-op outside autocast), masked for
+        sparse experts."""
+        w1, w2 = self.w1, self.w2
+        if self.expert_density is not None:
+            w1, w2 = w1 * self.mask1, w2 * self.mask2
+        return w1.to(dtype), self.b1.to(dtype), w2.to(dtype), self.b2.to(dtype), self.act
 
     def extra_repr(self) -> str:
         return (
@@ -288,119 +460,17 @@ def _expert_masks(
     return masks[0], masks[1]
 
 
-def _dispatch_loop(x, expert, gate, token, rank, counts, cap, experts):
-    """One matmul per expert and layer on its contiguous slice of the expert-sorted rows.
-
-    Returns expert outputs ``[a_kept, d_out]`` with the gate and token of each row.
-    ``counts.tolist()`` (and ``nonzero`` under a capacity) sync with the host:
-    the slice sizes must be Python ints. It is a torch.compile graph break, kept because this
-    path is the faster one on CPU (see the benchmark note above ``DISPATCHES``).
-    """
-    w1, b1, w2, b2, act = experts
-    if cap is not None:
-        keep = (rank < cap).nonzero().squeeze(1)  # [a_kept], still sorted by expert
-        gate, token = gate[keep], token[keep]
-        counts = counts.clamp(max=cap)
-    sizes = counts.tolist()
-    hidden = act(_GroupedLinear.apply(x.index_select(0, token), w1, b1, sizes))  # [a_kept, h]
-    y = _GroupedLinear.apply(hidden, w2, b2, sizes)  # [a_kept, d_out]
-    return y, gate, token
+def _autocast_on(x: Tensor) -> bool:
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """``x [a, i]`` in consecutive groups of ``sizes[j]`` rows, group ``j`` times ``w[j]``.
-
-    ``[a, i], w [e, i, o], b [e, o] -> [a, o]``. Forward and backward write each group's matmul
-    straight into slices of one output (and of the stacked weight gradients), so there is no
-    ``cat`` of per-expert outputs and no stacking of per-expert weight gradients (plain
-    autograd over ``w.unbind(0)`` spent a quarter of the step there at 32 experts, k 1, 1024
-    tokens). Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
-        out = x.new_empty(x.shape[0], w.shape[2])
-        start = 0
-        for j, n in enumerate(sizes):
-            if n > 0:
-                rows = slice(start, start + n)
-                torch.addmm(b[j], x[rows], w[j], out=out[rows])
-            start += n
-        ctx.save_for_backward(x, w)
-        ctx.sizes = sizes
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, w = ctx.saved_tensors
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        grad_x = x.new_empty(x.shape) if need_x else None
-        grad_w = torch.empty_like(w) if need_w else None
-        grad_b = w.new_empty(w.shape[0], w.shape[2]) if need_b else None
-        start = 0
-        for j, n in enumerate(ctx.sizes):
-            rows = slice(start, start + n)
-            if n == 0:  # an expert with no rows gets zero gradients
-                for g in (grad_w, grad_b):
-                    if g is not None:
-                        g[j].zero_()
-                continue
-            if need_x:
-                torch.mm(grad[rows], w[j].t(), out=grad_x[rows])
-            if need_w:
-                torch.mm(x[rows].t(), grad[rows], out=grad_w[j])
-            if need_b:
-                torch.sum(grad[rows], dim=0, out=grad_b[j])
-            start += n
-        return grad_x, grad_w, grad_b, None
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The experts' dtype: the autocast dtype where autocast is on for ``x``'s device, else
+    ``x``'s own."""
+    return torch.get_autocast_dtype(x.device.type) if _autocast_on(x) else x.dtype
 
 
-def _dispatch_bmm(x, expert, gate, token, rank, counts, cap, experts):
-    """Rows scattered into a zero-padded ``[e, c, d_in]`` buffer, two batched matmuls.
-
-    ``c`` is the capacity, or the largest count when there is none (one ``.item()`` host sync;
-    with a capacity this path has no data-dependent shape at all). Dropped assignments go to a
-    spare last row and get a zero gate. Returns expert outputs ``[a, d_out]``, gates, tokens.
-    """
-    w1, b1, w2, b2, act = experts
-    e = w1.shape[0]
-    c = cap if cap is not None else int(counts.max().item())
-    slot = expert * c + rank  # [a] row in the flattened [e * c] buffer
-    if cap is not None:
-        kept = rank < cap
-        slot = torch.where(kept, slot, e * c)  # dropped -> spare row e * c
-        gate = gate * kept
-    buf = x.new_zeros(e * c + 1, x.shape[1]).index_copy(0, slot, x.index_select(0, token))
-    hidden = act(
-        torch.baddbmm(b1[:, None, :], buf[: e * c].view(e, c, x.shape[1]), w1)
-    )  # [e, c, h]
-    y = torch.baddbmm(b2[:, None, :], hidden, w2).reshape(e * c, w2.shape[2])  # [e * c, d_out]
-    y = y.index_select(0, slot.clamp(max=e * c - 1))  # [a, d_out]; dropped rows have gate 0
-    return y, gate, token
-
-
-class _GatedCombine(torch.autograd.Function):
-    """``out[t] = sum of gate[r] * y[r]`` over the rows ``r`` of token ``t``: ``[a, d] -> [b, d]``.
-
-    The same as ``zeros.index_add(0, token, y * gate[:, None])`` under autograd, with two fewer
-    ``[a, d]`` temporaries (the gate gradient is a row-wise dot product, not a product then a
-    sum), which matters because everything around the expert matmuls is memory-bound.
-    """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, gate: Tensor, token: Tensor, b: int) -> Tensor:
-        out = y.new_zeros(b, y.shape[1])
-        out.index_add_(0, token, y * gate[:, None])
-        ctx.save_for_backward(y, gate, token)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        y, gate, token = ctx.saved_tensors
-        grad_rows = grad.index_select(0, token)  # [a, d]
-        grad_gate = None
-        if ctx.needs_input_grad[1]:
-            grad_gate = torch.bmm(grad_rows.unsqueeze(1), y.unsqueeze(2)).view(-1)  # [a]
-        return grad_rows.mul_(gate[:, None]), grad_gate, None, None
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``x``'s device: the kernels get operands already in one dtype."""
+    return torch.autocast(x.device.type, enabled=False) if _autocast_on(x) else nullcontext()

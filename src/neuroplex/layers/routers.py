@@ -28,9 +28,16 @@ class RouterOutput(NamedTuple):
     load: Tensor  # [e] per-expert load for cv²(load): assignment counts, or a smooth estimate
 
 
+def count_per_expert(indices: Tensor, n_experts: int) -> Tensor:
+    """Assignments per expert, ``[...] long -> [e] long``. A scatter, not ``bincount``, so the
+    output shape does not depend on the data (meta tensors, ``torch.compile``, export)."""
+    flat = indices.reshape(-1)
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def hard_load(indices: Tensor, n_experts: int, dtype: torch.dtype) -> Tensor:
     """Assignments per expert, ``[b, k] -> [e]`` (no gradient: counts are not differentiable)."""
-    return torch.bincount(indices.reshape(-1), minlength=n_experts).to(dtype)
+    return count_per_expert(indices, n_experts).to(dtype)
 
 
 def project(x: Tensor, w: Tensor) -> Tensor:

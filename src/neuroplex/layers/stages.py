@@ -5,11 +5,14 @@ Shape legend: ``b`` batch, ``d`` input features, ``h`` width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from torch import Tensor, nn
 
 from neuroplex.layers.moe import MoE
-from neuroplex.layers.output import StageOutput
+from neuroplex.layers.moe_conv import ConvMoE
+from neuroplex.layers.routers import RouterOutput
 from neuroplex.layers.sparse import SparseLinear
 from neuroplex.wiring import Wiring
 
@@ -52,16 +55,20 @@ class GatedStage(nn.Module):
     A ``shared`` expert (DeepSeekMoE's shared-expert isolation) sees every input and is added
     to the routed experts' output: ``moe(x) + shared(x)``.
 
-    ``[b, d] -> StageOutput([b, h], aux, stats)``.
+    ``[b, d] -> [b, h]``, or on a feature map ``[b, c, *s] -> [b, h, *s]``: an :class:`MoE`
+    routes every position (its experts are pointwise MLPs over the channels; the shared expert
+    too), a :class:`ConvMoE` whole samples. The MoE keeps its aux loss and stats
+    (``moe.aux_loss``, ``moe.stats``), which ``network.run_stage`` collects.
     """
 
     def __init__(
         self,
-        moe: MoE,
-        norm_layer: type[nn.Module] | None = nn.LayerNorm,
+        moe: MoE | ConvMoE,
+        norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
         dropout: float = 0.0,
         residual: bool = False,
         shared: nn.Module | None = None,
+        spatial: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if residual and moe.d_in != moe.d_out:
@@ -69,19 +76,32 @@ class GatedStage(nn.Module):
         self.moe = moe
         self.shared = shared
         self.d_out = moe.d_out
+        self.out_shape = (moe.d_out, *spatial)
+        self.per_position = bool(spatial) and isinstance(moe, MoE)
         self.residual = residual
         self.norm = norm_layer(moe.d_out) if norm_layer is not None else nn.Identity()
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> StageOutput:
-        out = self.moe(x)
-        y = out.x if self.shared is None else out.x + self.shared(x)
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._pointwise(self.moe, x)
+        if self.shared is not None:
+            y = y + self._pointwise(self.shared, x)
         if self.residual:
             y = x + y
-        return StageOutput(self.drop(self.norm(y)), out.aux_loss, out.stats)
+        return self.drop(self.norm(y))
+
+    def route(self, x: Tensor) -> RouterOutput:
+        """The MoE's routing of the stage input ``x``: one token per sample, or per position
+        (sample-major: the tokens of sample 0 first) when it routes positions."""
+        return self.moe.route(x.movedim(1, -1) if self.per_position else x)
+
+    def _pointwise(self, f: nn.Module, x: Tensor) -> Tensor:
+        """``f`` on the channel axis of every position (``[b, c, *s]``, channels moved last
+        and back), or on ``x`` itself."""
+        return f(x.movedim(1, -1)).movedim(-1, 1) if self.per_position else f(x)
 
     def extra_repr(self) -> str:
-        return f"residual={self.residual}"
+        return f"residual={self.residual}, per_position={self.per_position}"
 
 
 def shared_expert(
