@@ -42,7 +42,7 @@ from neuroplex.layers.conv import (
     ResidualStage,
     spatial_dims,
 )
-from neuroplex.layers.moe import MoE, moe_aux_loss, moe_stats
+from neuroplex.layers.moe import MoE, moe_stats, take_moe_aux_loss
 from neuroplex.layers.moe_conv import ConvMoE
 from neuroplex.layers.params import count_parameters, masked_out
 from neuroplex.layers.stages import GatedStage, SparseStage, shared_expert
@@ -61,8 +61,8 @@ class NetworkOutput(NamedTuple):
 
 def run_stage(stage: nn.Module, x: Tensor) -> StageOutput:
     """Call ``stage`` and normalise its result to a StageOutput. A stage that returns a tensor
-    gets the aux losses and stats its MoE layers left (:func:`moe_aux_loss`,
-    :func:`moe_stats`): stats under their own names when it holds one MoE, else prefixed by
+    gets the aux losses and stats its MoE layers left (:func:`take_moe_aux_loss`, which
+    clears them from the layers, and :func:`moe_stats`): stats under their own names when it holds one MoE, else prefixed by
     the layer's module name."""
     out = stage(x)
     if isinstance(out, StageOutput):
@@ -74,7 +74,7 @@ def run_stage(stage: nn.Module, x: Tensor) -> StageOutput:
         stats = next(iter(per_layer.values()))
     else:
         stats = {f"{name}.{k}": v for name, s in per_layer.items() for k, v in s.items()}
-    return StageOutput(out, moe_aux_loss(stage), stats)
+    return StageOutput(out, take_moe_aux_loss(stage), stats)  # the trainer owns it now
 
 
 class Network(nn.Module):

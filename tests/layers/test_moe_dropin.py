@@ -123,15 +123,22 @@ def test_run_stage_reads_the_side_results_of_a_tensor_stage():
     torch.manual_seed(0)
     stage = GatedStage(MoE(4, 4, 4, 2, 8), norm_layer=None).eval()  # eval: no router noise
     x = torch.randn(10, 4)
-    out = run_stage(stage, x)
-    assert out.aux_loss is stage.moe.aux_loss and out.stats is stage.moe.stats
     assert isinstance(stage(x), torch.Tensor)
+    left = stage.moe.aux_loss
+    out = run_stage(stage, x)
+    torch.testing.assert_close(out.aux_loss, left)  # eval: the same call, the same loss
+    assert out.stats is stage.moe.stats
+    # run_stage takes the loss over: the layer keeps no graph alive until its next call (a
+    # kept graph pins the parameters' shapes, which a rewiring changes)
+    assert stage.moe.aux_loss is None and out.aux_loss.grad_fn is not None
     torch.testing.assert_close(out.x, stage.moe(x))
     assert set(out.stats) >= {"load", "dropped_frac", "balance_loss", "z_loss"}
-    two = nn.Sequential(MoE(4, 4, 2, 1, 8), MoE(4, 4, 2, 1, 8))
+    two = nn.Sequential(MoE(4, 4, 2, 1, 8), MoE(4, 4, 2, 1, 8)).eval()
+    two(x)
+    want = two[0].aux_loss + two[1].aux_loss
     many = run_stage(two, x)
     assert {"0.load", "1.load"} <= set(many.stats)
-    torch.testing.assert_close(many.aux_loss, two[0].aux_loss + two[1].aux_loss)
+    torch.testing.assert_close(many.aux_loss, want)
 
 
 # ---------------------------------------------------------------- precision

@@ -112,6 +112,17 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
     return sum(losses[1:], losses[0])
 
 
+def take_moe_aux_loss(model: nn.Module) -> Tensor:
+    """:func:`moe_aux_loss`, then drop every layer's reference to it: a kept ``aux_loss``
+    holds its whole graph (and the activations it saved) alive until the layer's next call,
+    and pins the graph's record of the parameters' shapes across a rewiring."""
+    loss = moe_aux_loss(model)
+    for m in model.modules():
+        if isinstance(m, Routed):
+            m.aux_loss = None
+    return loss
+
+
 def moe_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """The ``stats`` of every routed layer (:class:`MoE`, ``ConvMoE``) in ``model`` from its
     latest call, keyed by module name (``""`` for ``model`` itself); layers not called yet are

@@ -244,7 +244,7 @@ def write_summary(
         "steps": state.step,
         "params": s.model.num_parameters(),
         "active_params": s.model.num_active_parameters(),
-        "macs": count_macs(s.model, data.train.inputs(slice(0, 1))),
+        "macs": count_macs(s.model, torch.zeros((1, *data.input_shape), device=s.device)),
         "min_expert_load": min_expert_load(final),
         "activation_bytes_peak": state.activation_peak,
         "cuda_max_memory_allocated": cuda_peak_bytes(s.device),
