@@ -62,8 +62,8 @@ class NetworkOutput(NamedTuple):
 def run_stage(stage: nn.Module, x: Tensor) -> StageOutput:
     """Call ``stage`` and normalise its result to a StageOutput. A stage that returns a tensor
     gets the aux losses and stats its MoE layers left (:func:`take_moe_aux_loss`, which
-    clears them from the layers, and :func:`moe_stats`): stats under their own names when it holds one MoE, else prefixed by
-    the layer's module name."""
+    clears them from the layers, and :func:`moe_stats`): stats under their own names when it
+    holds one MoE, else prefixed by the layer's module name."""
     out = stage(x)
     if isinstance(out, StageOutput):
         return out

@@ -201,7 +201,9 @@ class Pipe:
             self._wait(self._in_flight.popleft()[0], f"sending to rank {self.next}", self.next)
         tag = 2 * (self._sent % 2)  # alternate tags: the two batches in flight never mix
         batch = (h.contiguous(), y.contiguous())
-        works = [dist.isend(t, self.next, tag=tag + i) for i, t in enumerate(batch)]
+        # a peer that is gone can make isend itself fail (connection reset), not only its wait
+        with peer_guard(self.rank, f"sending to rank {self.next}", self.next):
+            works = [dist.isend(t, self.next, tag=tag + i) for i, t in enumerate(batch)]
         self._in_flight.append((works, batch))
         self._sent += 1
 
@@ -233,7 +235,8 @@ class Pipe:
             torch.empty(b, dtype=torch.long, device=device),
         )
         tag = 2 * (self._received % 2)
-        works = [dist.irecv(t, self.previous, tag=tag + i) for i, t in enumerate(batch)]
+        with peer_guard(self.rank, f"receiving from rank {self.previous}", self.previous):
+            works = [dist.irecv(t, self.previous, tag=tag + i) for i, t in enumerate(batch)]
         self._received += 1
         return works, batch
 
