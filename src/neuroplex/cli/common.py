@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import typer
 
 from neuroplex.errors import NeuroplexError
+from neuroplex.interrupts import raising
 
 DEBUG = SimpleNamespace(on=False)  # set by the root callback's --debug
 
@@ -51,13 +52,12 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (main thread only)."""
-
-    def handler(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    """Within the block, SIGTERM raises :class:`Terminated` and Ctrl-C KeyboardInterrupt, never
+    inside a finalizer (neuroplex.interrupts; main thread only)."""
+    previous = signal.signal(signal.SIGTERM, raising(Terminated))
+    previous_int = signal.signal(signal.SIGINT, raising(KeyboardInterrupt))
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)

@@ -29,6 +29,7 @@ from neuroplex.distributed.failures import (
 from neuroplex.distributed.parallel import PipelineError, PipelineWorld
 from neuroplex.distributed.pipeline import Job, run_worker
 from neuroplex.errors import ConfigError, NeuroplexError, TrainingDiverged
+from neuroplex.interrupts import raising
 from neuroplex.train.progress import NullProgress
 from neuroplex.train.runlock import run_dir_lock
 
@@ -130,7 +131,7 @@ def quiet_spawn() -> Iterator[None]:
 
 def _worker(rank: int, job: Job, errors: Any) -> None:
     """Entry point of spawned pipeline process ``rank``; a NeuroplexError goes to the parent."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the parent's stop request
+    signal.signal(signal.SIGINT, raising(KeyboardInterrupt))  # the parent's stop request
     try:
         run_worker(rank, job, PipelineWorld(rank, job.cfg.train.parallel, local_rank=rank))
     except NeuroplexError as e:

@@ -22,6 +22,7 @@ import torch
 from neuroplex.config import Config, load_config, to_yaml
 from neuroplex.errors import NeuroplexError, TrainingDiverged
 from neuroplex.files import read_json
+from neuroplex.interrupts import raising
 from neuroplex.sweep.grid import Run, parse_grid, parse_seeds, plan
 from neuroplex.sweep.summary import write_sweep
 from neuroplex.train.loop import train
@@ -145,7 +146,7 @@ def child(cfg: Config, run_dir: Path, resume: bool, threads: int, errors: Any) -
     """One run in a spawned process: Ctrl-C is left to the parent (which passes it on as
     SIGTERM, once); a user error goes back as one line."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raising(Terminated))
     try:
         train_one(cfg, run_dir, resume, threads)
     except KeyboardInterrupt:
@@ -160,10 +161,6 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM from the sweep, raised like Ctrl-C so that the run writes its summary."""
 
     signal_name = "SIGTERM"
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise Terminated
 
 
 def train_one(cfg: Config, run_dir: Path, resume: bool, threads: int | None) -> str:
