@@ -525,7 +525,11 @@ class PipelineConfig(StrictModel):
         "each stage + aux net (time) or by trainable parameters (params)",
     )
     timing_batches: int = Field(
-        3, ge=1, le=1000, description="batches each stage is timed on before the run (time)"
+        10,
+        ge=1,
+        le=1000,
+        description="batches each stage is timed on before the run "
+        "(interleaved rounds, after a warm-up round)",
     )
 
 

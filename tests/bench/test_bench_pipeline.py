@@ -17,12 +17,15 @@ RATES |= {(1, 4, "params"): 1800.0}
 SHARES = {2: [0.45, 0.55], 4: [0.2, 0.3, 0.25, 0.25]}
 
 
-def fake_runner(configs: list):
+def fake_runner(configs: list, slow_spell: tuple[int, float] = (-1, 1.0)):
+    """``slow_spell``: (the run, counted from 0, whose rates are scaled, the factor)."""
+
     def runner(overrides: list[str], run_dir):
         cfg = load_config(None, overrides)
         configs.append(cfg)
         n = cfg.train.parallel
         rate = RATES[(cfg.threads, n, cfg.train.pipeline.balance if n > 1 else None)]
+        rate *= slow_spell[1] if len(configs) - 1 == slow_spell[0] else 1.0
         run_dir.mkdir(parents=True)
         for epoch, r in enumerate([rate / 10, rate, rate, rate * 1.1], start=1):  # slow warm-up
             append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, "samples_per_s": r})
@@ -73,3 +76,17 @@ def test_throughput_compares_each_pipeline_with_the_sequential_runs(tmp_path):
         "2 processes: the time-balanced split trains 1.28× as fast as the parameter-count split "
         "(goal ≥ 1.2×)." in lines
     )
+
+
+def test_rounds_repeat_every_run_and_report_the_median(tmp_path):
+    configs = []
+    out = tmp_path / "pipeline.json"
+    runner = fake_runner(configs, slow_spell=(1, 0.5))  # round 1's 2-thread run at half speed
+    result = run([512] * 4, 256, 300, [1, 2], ["time"], out, runner, rounds=3)
+    assert [(c.threads, c.train.parallel) for c in configs] == [(1, 1), (2, 1), (1, 2)] * 3
+    assert result["samples_per_s_by_round"]["sequential, 2 threads"] == [650.0, 1300.0, 1300.0]
+    assert result["samples_per_s"]["sequential, 2 threads"] == 1300.0
+    assert result["groups_by_round"][pipeline_name(2, "time")] == [[[0, 0], [1, 3]]] * 3
+    two = result["pipelines"][pipeline_name(2, "time")]
+    assert two["vs_sequential_n_threads"] == pytest.approx(1600 / 1300)
+    assert "median of 3 round(s)" in out.with_suffix(".md").read_text()

@@ -9,7 +9,9 @@ each in its own process(es):
   the pipeline, ``train.parallel = N`` with one thread per process, once per stage-split rule
   asked (``--balance time params``).
 
-Throughput is the median over epochs (the first left out: warm-up) of the training samples/s the
+``--rounds R`` repeats the whole list R times, round-robin, and reports each run's median over
+the rounds (runs one after another on this machine varied by up to 20%). Throughput is the
+median over epochs (the first left out: warm-up) of the training samples/s the
 loop logs, evaluation excluded. Reported per pipeline run: the speedup over the sequential run
 with N threads and over one thread, the scaling efficiency (against N x the one-thread
 throughput), the stage groups and each one's share of the measured cost (from the run's
@@ -39,7 +41,10 @@ GOAL_SPEEDUP, GOAL_CEILING, GOAL_BALANCE = 1.35, 0.90, 1.2  # issue 17's goals, 
 def shared_overrides(widths: list[int], batch: int, steps: int) -> list[str]:
     stages = ", ".join(f"{{kind: dense, width: {w}, dropout: 0.1}}" for w in widths)
     return [
+        # 40,000 samples: epochs of 125 steps (Fashion-MNIST has 234), so the pipeline's fill
+        # and drain at each epoch's end weigh as in a real run, not as in 14-step epochs
         "data.name=mnist1d",
+        "data.num_samples=40000",
         f"model.stages=[{stages}]",
         f"train.steps={steps}",
         f"train.batch_size={batch}",
@@ -81,27 +86,38 @@ def run(
     balances: list[str],
     out: Path,
     runner: Runner = run_one,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """Train the runs one after another; write the JSON and a markdown table beside it."""
+    """Train the runs one after another, ``rounds`` times over (round-robin, so a slow spell of
+    the machine is shared out; each run's figure is its median over the rounds, its split the
+    first round's); write the JSON and a markdown table beside it."""
     shared = shared_overrides(widths, batch, steps)
     result: dict[str, Any] = {
         "machine": machine(),
         "widths": widths,
         "batch": batch,
         "steps": steps,
+        "rounds": rounds,
         "processes": sorted(set(processes)),
         "balances": balances,
         "samples_per_s": {},
+        "samples_per_s_by_round": {},
         "plans": {},
+        "groups_by_round": {},  # each round's split: measured again in every run
     }
+    by_round: dict[str, list[float]] = result["samples_per_s_by_round"]
     with tempfile.TemporaryDirectory(prefix="neuroplex-bench-") as tmp:
-        for i, (name, extra) in enumerate(runs(processes, balances).items()):
-            run_dir = Path(tmp) / f"run-{i}"
-            runner([*shared, *extra], run_dir)
-            result["samples_per_s"][name] = throughput(run_dir)
-            if (run_dir / PLAN).is_file():
-                result["plans"][name] = json.loads((run_dir / PLAN).read_text(encoding="utf-8"))
-            print(f"{name}: {result['samples_per_s'][name]:,.0f} samples/s")
+        for r in range(rounds):
+            for i, (name, extra) in enumerate(runs(processes, balances).items()):
+                run_dir = Path(tmp) / f"round-{r}-run-{i}"
+                runner([*shared, *extra], run_dir)
+                by_round.setdefault(name, []).append(throughput(run_dir))
+                if (run_dir / PLAN).is_file():
+                    plan = json.loads((run_dir / PLAN).read_text(encoding="utf-8"))
+                    result["plans"].setdefault(name, plan)
+                    result["groups_by_round"].setdefault(name, []).append(plan["groups"])
+                print(f"round {r + 1}/{rounds}, {name}: {by_round[name][-1]:,.0f} samples/s")
+    result["samples_per_s"] = {name: statistics.median(v) for name, v in by_round.items()}
     result["pipelines"] = pipeline_figures(result)
     write(result, out, table)
     return result
@@ -132,7 +148,8 @@ def table(result: dict[str, Any]) -> str:
     widths = ", ".join(str(w) for w in result["widths"])
     lines = [
         f"MNIST-1D, local learning (linear aux nets), dense stages of widths {widths}, "
-        f"batch {result['batch']}, {result['steps']} steps ({result['machine']}).",
+        f"batch {result['batch']}, {result['steps']} steps, median of {result.get('rounds', 1)} "
+        f"round(s) ({result['machine']}).",
         "",
         "| run | samples/s | vs sequential, 1 thread |",
         "|---|---|---|",

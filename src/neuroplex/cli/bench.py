@@ -112,6 +112,9 @@ def bench_pipeline(
     out: Annotated[
         Path, typer.Option(help="JSON output (a .md table is written beside it)")
     ] = Path("docs/bench/pipeline.json"),
+    rounds: Annotated[
+        int, typer.Option(min=1, help="repeat every run this many times, round-robin (median)")
+    ] = 1,
 ) -> None:
     """Local learning throughput: pipelined stage groups (one thread per process) vs sequential."""
     from neuroplex.bench.pipeline import run, table
@@ -125,7 +128,7 @@ def bench_pipeline(
     for rule in balance:
         if rule not in ("time", "params"):
             raise NeuroplexError(f"--balance {rule!r}: expected 'time' or 'params'")
-    print(table(run(sizes, batch, steps, processes, balance, out)))
+    print(table(run(sizes, batch, steps, processes, balance, out, rounds=rounds)))
 
 
 @bench_app.command("sparse")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from neuroplex.errors import NeuroplexError
 from neuroplex.files import atomic_write_json, read_json
@@ -76,30 +77,46 @@ def stage_params(local: Local) -> list[int]:
 
 def stage_seconds(s: Setup, batches: int) -> list[float]:
     """Median seconds of one training step (forward, backward, optimizer step) of each stage
-    with its aux net, over ``batches`` batches after one warm-up batch, on copies: the run's
-    parameters, optimizer state and random streams are left as they were."""
+    with its aux net, on copies: the run's parameters, optimizer state and random streams are
+    left as they were.
+
+    After a warm-up round (which also makes each stage's input, the previous copy's output), the
+    stages are timed in ``batches`` interleaved rounds, one step of every stage per round, so a
+    slow spell of the machine falls on all of them alike rather than on whichever stage was being
+    timed (timed one stage after another, two identical stages measured 5.3 and 8.7 ms). The
+    clock is the process's CPU time on the CPU (what a worker spends; another process on the
+    core does not count) and synchronized wall time on CUDA."""
     local: Local = s.method  # type: ignore[assignment]
     b = min(s.cfg.train.batch_size, len(s.data.train))
     h, y = s.data.train_batch(torch.arange(b, device=s.device), (s.cfg.seed, 0, 0))
-    seconds = []
-    devices = [s.device] if s.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        for trainee in local.trainees:
-            twin = copy.deepcopy(trainee).train()
-            opt = build_optimizer([twin], s.cfg.train)
-            times = []
-            for _ in range(batches + 1):
-                t0 = time.perf_counter()
-                out, logits = twin(h)
-                opt.zero_grad(set_to_none=True)
-                (F.cross_entropy(logits, y) + out.aux_loss).backward()
-                opt.step()
-                if s.device.type == "cuda":
+    cuda = s.device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    with torch.random.fork_rng(devices=[s.device] if cuda else []):
+        twins = [copy.deepcopy(trainee).train() for trainee in local.trainees]
+        optimizers = [build_optimizer([twin], s.cfg.train) for twin in twins]
+        inputs = []
+        for twin, opt in zip(twins, optimizers, strict=True):  # the warm-up round
+            inputs.append(h)
+            h = train_step(twin, opt, h, y)
+        times: list[list[float]] = [[] for _ in twins]
+        for _ in range(batches):
+            for i, (twin, opt) in enumerate(zip(twins, optimizers, strict=True)):
+                t0 = clock()
+                train_step(twin, opt, inputs[i], y)
+                if cuda:
                     torch.cuda.synchronize(s.device)
-                times.append(time.perf_counter() - t0)
-            seconds.append(statistics.median(times[1:]))
-            h = out.x.detach()
-    return seconds
+                times[i].append(clock() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def train_step(trainee: nn.Module, opt: torch.optim.Optimizer, h: Tensor, y: Tensor) -> Tensor:
+    """One training step of a stage with its aux net on ``h [b, *in]``, ``y [b]``; its output
+    ``[b, *out]``, detached."""
+    out, logits = trainee(h)
+    opt.zero_grad(set_to_none=True)
+    (F.cross_entropy(logits, y) + out.aux_loss).backward()
+    opt.step()
+    return out.x.detach()
 
 
 def split_stages(costs: list[float], n: int) -> list[range]:

@@ -254,6 +254,10 @@ def pipeline_epoch(
     group: StageGroup = s.method  # type: ignore[assignment]
     s.model.train()
     totals = EpochTotals()
+    # Every clock starts together: otherwise a later group's epoch would also time rank 0
+    # writing the last epoch's checkpoint, which the sequential run's clock leaves out.
+    with peer_guard(s.world.rank, "starting the epoch"):
+        dist.barrier()
     t0 = time.perf_counter()
     for batch in group.batches(s, epoch, state.step):
         loss = train_batch(s, state, meter, batch, totals, run_dir)
