@@ -11,6 +11,11 @@ measured before this choice was named), and ``neuroplex bench`` and docs/benchma
 final-epoch accuracy too.
 
     python scripts/measure_results.py [--seeds 3] [--out runs/results-TIMESTAMP] [--only CONFIG]...
+        [--threads N --jobs J]
+
+``--threads N --jobs J`` trains J runs at a time with N torch threads each (``threads=N``, a
+one-value grid: the runs go to OUT/CONFIG_STEM/threads=N/seedS); the table then says the train
+times are of N threads with J runs side by side.
 
 ``--only`` re-measures just those configs and keeps the other configs' figures from
 ``docs/results.json``. Given the ``--out`` of an interrupted measurement, finished runs are
@@ -53,25 +58,33 @@ CONFIGS = [
     "configs/fmnist_cnn.yaml",
     "configs/fmnist_modular_cnn.yaml",
     "configs/fmnist_local.yaml",  # the CNN of fmnist_cnn trained by AugLocal
+    "configs/fmnist_allconv.yaml",  # a strided all-conv CNN
+    "configs/fmnist_allconv_local.yaml",  # fmnist_allconv trained by AugLocal
     "configs/fmnist_moe_cnn.yaml",  # the CNN with a feature-map (per-position) MoE stage
 ]
 
 
-def run_all(configs: list[str], seeds: int, out: Path) -> dict:
-    """Each config's runs (seeds 0..seeds-1, one at a time: the table quotes train times), as
-    ``{config: [{"run_dir", **summary.json, "nmi"}, ...]}``."""
+def run_all(
+    configs: list[str], seeds: int, out: Path, threads: int | None = None, jobs: int = 1
+) -> dict:
+    """Each config's runs (seeds 0..seeds-1, one at a time unless ``jobs``: the table quotes
+    train times), as ``{config: [{"run_dir", **summary.json, "nmi", "side_by_side"}, ...]}``."""
     results = {}
+    grid = {"threads": [str(threads)]} if threads else None
     for config in configs:
         where = out / Path(config).stem
         print(f"== {config}: seeds 0-{seeds - 1} -> {where}", flush=True)
-        swept = sweep(REPO / config, seeds=list(range(seeds)), out=where, say=print)
+        swept = sweep(
+            REPO / config, seeds=list(range(seeds)), grid=grid, out=where, jobs=jobs, say=print
+        )
         runs = []
         for row in swept["cells"][0]["runs"]:
             run_dir = Path(row["run_dir"])
             if row["status"] != "completed":
                 raise SystemExit(f"{run_dir}: {row['status']}, not completed; see its summary")
             summary = read_json(run_dir / "summary.json")
-            runs.append({"run_dir": str(run_dir), **summary, "nmi": designed_nmi(run_dir)})
+            how = {"threads": threads, "side_by_side": jobs}
+            runs.append({"run_dir": str(run_dir), **summary, "nmi": designed_nmi(run_dir), **how})
         results[config] = runs
     return results
 
@@ -95,11 +108,12 @@ def table(results: dict) -> str:
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         d = runs[0]["dataset"]
         seconds = statistics.mean(r["train_time_s"] for r in runs)
+        how = time_note(runs[0])
         lines.append(
             f"| `{config}` | {d['name']} ({d['train']}/{d['val']}/{d['test']}) | "
             f"{runs[0]['params']:,} | {runs[0].get('active_params', runs[0]['params']):,} | "
             f"{statistics.mean(accs):.1f}% ± {spread:.1f} ({len(runs)}) | "
-            f"{seconds:.0f} s | {runs[0]['activation_bytes_peak'] / 2**20:.2f} MiB | "
+            f"{seconds:.0f} s{how} | {runs[0]['activation_bytes_peak'] / 2**20:.2f} MiB | "
             f"{nmi_cell(runs)} |"
         )
     lines.append(
@@ -115,6 +129,15 @@ def table(results: dict) -> str:
     return "\n".join(lines) + f"\n\nMeasured by `scripts/measure_results.py` on {machine}.\n"
 
 
+def time_note(run: dict) -> str:
+    """How a run's train time was measured, where not alone with torch's default threads."""
+    threads, jobs = run.get("threads"), run.get("side_by_side", 1)
+    parts = ([f"{threads} thread{'s' * (threads > 1)}"] if threads else []) + (
+        [f"{jobs} runs side by side"] if jobs > 1 else []
+    )
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def nmi_cell(runs: list[dict]) -> str:
     values = [r["nmi"] for r in runs if r.get("nmi") is not None]
     return f"{statistics.mean(values):.2f}" if values else "—"
@@ -126,9 +149,11 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / f"results-{stamp}")
     parser.add_argument("--only", action="append", choices=CONFIGS, help="re-measure just this")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     args = parser.parse_args()
     docs = REPO / "docs"
-    fresh = run_all(args.only or CONFIGS, args.seeds, args.out)
+    fresh = run_all(args.only or CONFIGS, args.seeds, args.out, args.threads, args.jobs)
     kept = json.loads((docs / "results.json").read_text()) if args.only else {}
     results = {c: fresh[c] if c in fresh else kept[c] for c in CONFIGS if c in fresh or c in kept}
     atomic_write_json(docs / "results.json", results)

@@ -50,11 +50,15 @@ def test_the_dense_twin_wires_every_ensemble_to_every_other_and_changes_nothing_
     assert np.array_equal(built.ensemble_labels, designed)  # the same groups to compare with
 
 
-def test_fmnist_local_is_the_fmnist_cnn_trained_by_auglocal():
+@pytest.mark.parametrize(
+    "backprop, auglocal",
+    [("fmnist_cnn", "fmnist_local"), ("fmnist_allconv", "fmnist_allconv_local")],
+)
+def test_the_auglocal_configs_are_their_backprop_twins_trained_by_auglocal(backprop, auglocal):
     # docs/benchmarks.md compares the two runs: only the method and its aux nets may differ
     cnn, local = (
-        load_config(CONFIGS / "fmnist_cnn.yaml"),
-        load_config(CONFIGS / "fmnist_local.yaml"),
+        load_config(CONFIGS / f"{backprop}.yaml"),
+        load_config(CONFIGS / f"{auglocal}.yaml"),
     )
     assert local.model == cnn.model and local.data == cnn.data and local.seed == cnn.seed
     assert local.train.method == "local" and local.train.aux.kind == "augmented"
