@@ -32,6 +32,7 @@ def fake_runner(configs: list, slow_spell: tuple[int, float] = (-1, 1.0)):
         if n > 1:
             groups = [[i, i] for i in range(n - 1)] + [[n - 1, 3]]
             plan = {"groups": groups, "shares": SHARES[n], "ceiling": 1 / max(SHARES[n])}
+            plan["transfer_seconds"] = [[1e-3 * (i + 1), 2e-3 * (i + 1)] for i in range(3)]
             (run_dir / PLAN).write_text(json.dumps(plan))
 
     return runner
@@ -65,8 +66,8 @@ def test_throughput_compares_each_pipeline_with_the_sequential_runs(tmp_path):
     lines = out.with_suffix(".md").read_text().splitlines()
     assert "| pipeline, 2 processes x 1 thread, time split | 1,600 | 1.60× |" in lines
     assert (
-        "| 2 processes x 1 thread, time split | 1.23× | 80% | 0 / 1–3 (45% / 55%) | 1.82× | 88% |"
-        in lines
+        "| 2 processes x 1 thread, time split | 1.23× | 80% | 0 / 1–3 (45% / 55%) | 1.00 / 2.00 "
+        "| 1.82× | 88% |" in lines
     )
     assert (
         "2 processes x 1 thread (time split) vs sequential with 2 threads: 1.23× (goal ≥ 1.35×), "

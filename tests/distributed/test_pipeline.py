@@ -37,6 +37,9 @@ def test_n_processes_give_the_sequential_parameters(tiny, sequential, same_run, 
     assert plan["balance"] == "time" and len(plan["stage_seconds"]) == 4
     assert [i for a, b in plan["groups"] for i in range(a, b + 1)] == [0, 1, 2, 3]
     assert len(plan["groups"]) == n and sum(plan["shares"]) == pytest.approx(1.0)
+    # every boundary's transfer timed by both sides
+    assert len(plan["transfer_seconds"]) == 3
+    assert all(send > 0 and receive > 0 for send, receive in plan["transfer_seconds"])
 
 
 @pytest.mark.parametrize(

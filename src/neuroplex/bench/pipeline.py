@@ -15,8 +15,9 @@ median over epochs (the first left out: warm-up) of the training samples/s the
 loop logs, evaluation excluded. Reported per pipeline run: the speedup over the sequential run
 with N threads and over one thread, the scaling efficiency (against N x the one-thread
 throughput), the stage groups and each one's share of the measured cost (from the run's
-``pipeline.json``), the ceiling that split allows (total cost / the largest group's: the speedup
-over one thread of a perfectly overlapped pipeline) and the share of it reached. With both rules,
+``pipeline.json``: its stages' training and its transfers), the transfer measured at each cut,
+the ceiling that split allows (the sequential cost / the largest group's: the speedup over one
+thread of a perfectly overlapped pipeline) and the share of it reached. With both rules,
 the time-balanced split's throughput over the parameter-count split's.
 """
 
@@ -156,8 +157,9 @@ def table(result: dict[str, Any]) -> str:
         *(f"| {name} | {rate:,.0f} | {rate / one:.2f}× |" for name, rate in rates.items()),
         "",
         "| pipeline | vs sequential, N threads | scaling efficiency | stage groups (share of "
-        "the measured cost) | ceiling | of the ceiling |",
-        "|---|---|---|---|---|---|",
+        "the measured cost) | transfer at each cut (ms, send / receive) | ceiling | "
+        "of the ceiling |",
+        "|---|---|---|---|---|---|---|",
         *(pipeline_row(name, f, result["plans"][name]) for name, f in result["pipelines"].items()),
         *goal_lines(result),
     ]
@@ -167,9 +169,12 @@ def table(result: dict[str, Any]) -> str:
 def pipeline_row(name: str, figures: dict[str, float], plan: dict[str, Any]) -> str:
     groups = " / ".join(f"{a}–{b}" if a != b else f"{a}" for a, b in plan["groups"])
     shares = " / ".join(f"{100 * share:.0f}%" for share in plan["shares"])
+    transfers = plan.get("transfer_seconds") or []  # [send, receive] per boundary
+    cuts = [transfers[b] for _, b in plan["groups"][:-1]] if transfers else []
+    cut_ms = ", ".join(f"{1e3 * send:.2f} / {1e3 * receive:.2f}" for send, receive in cuts) or "—"
     return (
         f"| {name.removeprefix('pipeline, ')} | {figures['vs_sequential_n_threads']:.2f}× | "
-        f"{100 * figures['scaling_efficiency']:.0f}% | {groups} ({shares}) | "
+        f"{100 * figures['scaling_efficiency']:.0f}% | {groups} ({shares}) | {cut_ms} | "
         f"{figures['ceiling']:.2f}× | {100 * figures['of_ceiling']:.0f}% |"
     )
 

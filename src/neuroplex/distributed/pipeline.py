@@ -48,7 +48,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from neuroplex import files
 from neuroplex.config import Config
-from neuroplex.distributed.balance import Plan, make_plan, read_plan, write_plan
+from neuroplex.distributed.balance import (
+    Plan,
+    make_plan,
+    read_plan,
+    transfer_seconds,
+    write_plan,
+)
 from neuroplex.distributed.failures import (
     summary_after_peer_loss,
     under_torchrun,
@@ -116,17 +122,20 @@ def run_worker(rank: int, job: Job, world: PipelineWorld) -> dict[str, Any]:
 
 
 def agree_on_plan(s: Setup, job: Job) -> Plan:
-    """Rank 0 reads the run's split (resume) or measures and records a new one; every rank gets
-    it."""
+    """Rank 0 reads the run's split (resume) or measures and records a new one (the first two
+    groups' first ranks time the transfers with it); every rank gets it."""
     world: PipelineWorld = s.world  # type: ignore[assignment]
     box: list[Plan | None] = [None]
-    if world.is_main:
-        stages = len(s.model.stages)
-        plan = read_plan(job.run_dir, stages, world.groups, world.replicas) if job.resume else None
-        if plan is None:
-            plan = make_plan(s, world.groups, world.replicas)
-            write_plan(job.run_dir, plan)
-        box = [plan]
+    if world.is_main and job.resume:
+        box = [read_plan(job.run_dir, len(s.model.stages), world.groups, world.replicas)]
+    needed = [box[0] is None]
+    with peer_guard(world.rank, "receiving the stage split"):
+        dist.broadcast_object_list(needed, src=0)
+    if needed[0]:
+        transfers = transfer_seconds(s, s.cfg.train.pipeline.timing_batches)
+        if world.is_main:
+            box = [make_plan(s, world.groups, world.replicas, transfers)]
+            write_plan(job.run_dir, box[0])
     with peer_guard(world.rank, "receiving the stage split"):
         dist.broadcast_object_list(box, src=0)
     assert box[0] is not None
