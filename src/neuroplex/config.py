@@ -522,14 +522,15 @@ class PipelineConfig(StrictModel):
     balance: Literal["time", "params"] = Field(
         "time",
         description="how train.parallel splits the stages into groups: by the measured time of "
-        "each stage + aux net (time) or by trainable parameters (params)",
+        "each stage + aux net and of sending its output (time) or by trainable parameters "
+        "(params)",
     )
     timing_batches: int = Field(
         10,
         ge=1,
         le=1000,
         description="batches each stage is timed on before the run "
-        "(interleaved rounds, after a warm-up round)",
+        "(interleaved rounds, after a warm-up round), and transfers of each stage's output",
     )
 
 
