@@ -194,7 +194,7 @@ def transfer_seconds(s: Setup, rounds: int) -> list[list[float]] | None:
             return None
         theirs = torch.empty_like(table)
         dist.recv(theirs, peer)
-    return [[a, b] for a, b in zip(mine, theirs.tolist(), strict=True)]
+    return [[send, receive] for send, receive in zip(mine, theirs.tolist(), strict=True)]
 
 
 def split_stages(
