@@ -37,15 +37,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuroplex.layers.moe_kernels import DISPATCH_KERNELS, Experts, combine
+from neuroplex.layers.moe_kernels import DISPATCH_KERNELS, Experts, add_overflow, combine
 from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes, count_per_expert
 from neuroplex.wiring import Wiring
 
 BALANCES = ("cv2", "switch")
 DROPS = ("residual", "zero")
 # Default "auto": "bmm" where the graph must have static shapes (compiling or exporting with a
-# capacity, meta tensors, export without one), "grouped" for bfloat16/float16 on CUDA (the
-# fused kernel F.grouped_mm targets; not measured here: no GPU), else "loop".
+# capacity, meta tensors, export without one) and compiled dropless from 512 rows per expert
+# (below), "grouped" for bfloat16/float16 on CUDA (the fused kernel F.grouped_mm targets; not
+# measured here: no GPU), else "loop".
 # Measured fwd+bwd, training, noisy_topk, no capacity, d 256, h 1024, 2 threads,
 # models interleaved in one process; speed vs the equal-active dense FFN d -> k*h -> d (> 1 is
 # faster). Process CPU time with OMP_WAIT_POLICY=PASSIVE, because other jobs kept both cores
@@ -63,6 +64,14 @@ DROPS = ("residual", "zero")
 # 89; fp32 e 8 at 2048 rows: 80 / 79 / 58. Grouped never beat the loop by more than noise on
 # CPU (its CPU kernel takes no bias, and per group it runs the same matmuls), so CPU keeps loop.
 DISPATCHES = ("auto", "loop", "grouped", "bmm")
+# Compiled and dropless, the slab (ceil(a / e) rows per expert, compiled; the overflow eager)
+# against the loop (eager, the graph broken around it), speed vs the compiled dense FFN, same
+# setting as above (noisy_topk, e 8, k 2, 2 threads), idle machine, 2 Dec 2026, two runs of
+# 21 and 31 interleaved rounds: 4096 tokens (1024 rows per expert) slab 0.89 / 0.90, loop
+# 0.87 / 0.85; 1024 tokens (256 rows) slab 0.78 / 0.68, loop 0.84 / 0.74. Eager, the slab
+# padded to the largest count lost to the loop at both sizes (0.77-0.79 vs 0.82-0.85 at 1024
+# tokens, 0.87 vs 0.94 at 4096), so eager CPU keeps the loop.
+DROPLESS_SLAB_MIN_ROWS = 512
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -293,16 +302,19 @@ class MoE(Routed):
             hidden or output unit is initialised for its real fan-in.
         dispatch: ``"auto"`` (see the note above ``DISPATCHES``), ``"loop"`` (one matmul per
             expert on its sorted slice), ``"grouped"`` (``F.grouped_mm`` over the slices) or
-            ``"bmm"`` (a padded ``[e, c, d]`` buffer and batched matmuls; no host sync when a
-            capacity is set). All give the same outputs and gradients.
+            ``"bmm"`` (a slab of ``c`` rows per expert gathered into ``[e, c, d]`` and batched
+            matmuls; no host sync when a capacity is set). All give the same outputs and
+            gradients.
 
     Shapes: ``[*, d_in] -> [*, d_out]``; ``aux_loss []`` and ``stats`` are left on the layer.
 
     ``torch.compile``: with a capacity factor set (in the mode being run) the whole layer
-    compiles with ``fullgraph=True``. Without one it has one graph break, the expert loop, whose
-    slice sizes are data (the dense-to-sparse routers add one more: their schedule is read as a
-    Python number). ``torch.export`` traces it for inference; without an eval capacity the
-    exported graph pads every expert to all tokens (exact, but ``e / k`` times the expert work).
+    compiles with ``fullgraph=True``. Without one it has one graph break: the expert loop, whose
+    slice sizes are data, or from 512 rows per expert a compiled slab of ``ceil(b * k / e)``
+    rows per expert with the overflow past it run eagerly through the loop (the dense-to-sparse
+    routers add one more break: their schedule is read as a Python number). ``torch.export``
+    traces it for inference; without an eval capacity the exported graph pads every expert to
+    all tokens (exact, but ``e / k`` times the expert work).
     """
 
     def __init__(
@@ -405,10 +417,12 @@ class MoE(Routed):
         route = self._route(tokens)
         xs = tokens.to(_compute_dtype(tokens))  # [b, d_in] in the experts' dtype
         plan = self._sort(xs, route)
-        # the kernel call stays in forward itself: in the dropless loop it is the one graph
-        # break, and a break inside a helper would split every frame above it too
-        kernel = DISPATCH_KERNELS[self._pick_dispatch(xs, plan.cap)]
-        y, y_gate, y_token = kernel(xs, *plan, self._experts(xs.dtype))
+        dispatch, experts = self._pick_dispatch(xs, plan.cap), self._experts(xs.dtype)
+        y, y_gate, y_token = DISPATCH_KERNELS[dispatch](xs, *plan, experts)
+        # the dropless graph break (the loop, or bmm's overflow) is called from forward itself:
+        # a break inside a helper would split every frame above it too
+        if dispatch == "bmm" and plan.cap is None and y.shape[0] < xs.shape[0] * self.n_experts:
+            y, y_gate, y_token = add_overflow(xs, *plan, experts, (y, y_gate, y_token))
         out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
         out, n_drop, all_dropped = self._drops(xs, out, plan)
         aux, stats = self._losses(route, plan, n_drop, all_dropped)
@@ -433,6 +447,9 @@ class MoE(Routed):
         static = torch.compiler.is_compiling() and cap is not None
         if static or x.device.type == "meta" or torch.compiler.is_exporting():
             return "bmm"
+        if torch.compiler.is_compiling():  # dropless: the slab from DROPLESS_SLAB_MIN_ROWS on
+            rows = x.shape[0] * self.k / self.n_experts
+            return "bmm" if rows >= DROPLESS_SLAB_MIN_ROWS else "loop"
         if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
             return "grouped"
         return "loop"

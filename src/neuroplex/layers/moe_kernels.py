@@ -70,32 +70,68 @@ def dispatch_grouped(x, expert, gate, token, rank, counts, cap, experts: Experts
 
 
 def dispatch_bmm(x, expert, gate, token, rank, counts, cap, experts: Experts) -> Routed:
-    """Rows scattered into a zero-padded ``[e, c, d_in]`` buffer, two batched matmuls.
+    """A slab of ``c`` rows per expert in two batched matmuls: ``[e * c, d_out]``.
 
-    ``c`` is the capacity; without one, the largest count (one ``.item()`` host sync), or every
-    token (``c = b``, exact since a token picks an expert at most once) where counts cannot be
-    read: meta tensors and ``torch.export``. Dropped assignments go to a spare last row with a
-    zero gate. Returns all ``a`` rows.
+    ``c`` is the capacity, or every token (``c = b``: exact, a token picks an expert at most
+    once) where counts cannot be read (meta tensors, ``torch.export``), or else the largest
+    count. Under ``torch.compile`` with no capacity, ``c = ceil(a / e)``: the slab keeps static
+    shapes and compiles with the rest, and :func:`add_overflow` runs the rows past ``c``.
+    The slab gathers its rows straight from ``x`` by a ``[e, c]`` index (slots past an expert's
+    count re-read a token with gate 0), so there is no buffer to scatter into and no gather
+    back: the combine adds the slab's rows in place.
     """
+    c = slab_rows(x, counts, cap, expert.shape[0], experts[0].shape[0])
+    return _slab(x, gate, token, counts, c, experts)
+
+
+@torch.compiler.disable
+def add_overflow(
+    x, expert, gate, token, rank, counts, cap, experts: Experts, slab: Routed
+) -> Routed:
+    """The slab of :func:`dispatch_bmm` (no capacity, ``c < b``) plus the assignments of rank
+    ``>= c`` through the loop (``nonzero`` and ``tolist``: host syncs, hence eager even under
+    ``torch.compile``: the one graph break of the dropless path)."""
     w1, b1, w2, b2, act = experts
-    e = w1.shape[0]
+    c = slab[0].shape[0] // w1.shape[0]
+    over = (rank >= c).nonzero().squeeze(1)  # [a_o], still sorted by expert
+    if over.numel() == 0:
+        return slab
+    sizes = (counts - c).clamp(min=0).tolist()
+    token_o = token[over]
+    hidden = act(_GroupedLinear.apply(x.index_select(0, token_o), w1, b1, sizes))  # [a_o, h]
+    y_o = _GroupedLinear.apply(hidden, w2, b2, sizes)  # [a_o, d_out]
+    y, slab_gate, slab_token = slab
+    return torch.cat([y, y_o]), torch.cat([slab_gate, gate[over]]), torch.cat([slab_token, token_o])
+
+
+def slab_rows(x: Tensor, counts: Tensor, cap: int | None, a: int, e: int) -> int:
+    """Rows per expert in the slab of :func:`dispatch_bmm` (see there)."""
+    b = x.shape[0]
     if cap is not None:
-        c = cap
-    elif x.device.type == "meta" or torch.compiler.is_exporting():
-        c = x.shape[0]
-    else:
-        c = int(counts.max().item())
-    slot = expert * c + rank  # [a] row in the flattened [e * c] buffer
-    if cap is not None:
-        kept = rank < cap
-        slot = torch.where(kept, slot, e * c)  # dropped -> spare row e * c
-        gate = gate * kept
-    buf = x.new_zeros(e * c + 1, x.shape[1]).index_copy(0, slot, x.index_select(0, token))
-    rows = buf[: e * c].view(e, c, x.shape[1])  # [e, c, d_in]
-    hidden = act(torch.baddbmm(b1[:, None, :], rows, w1))  # [e, c, h]
-    y = torch.baddbmm(b2[:, None, :], hidden, w2).reshape(e * c, w2.shape[2])  # [e * c, d_out]
-    y = y.index_select(0, slot.clamp(max=e * c - 1))  # [a, d_out]; dropped rows have gate 0
-    return y, gate, token
+        return min(cap, b)
+    if x.device.type == "meta" or torch.compiler.is_exporting():
+        return b
+    if torch.compiler.is_compiling():
+        return min(-(-a // e), b)
+    return int(counts.max().item()) if a else 0
+
+
+def _slab(x, gate, token, counts, c: int, experts: Experts) -> Routed:
+    """Expert ``j``'s first ``min(count_j, c)`` assignments as rows ``j * c + i`` of
+    ``[e * c, d_out]``, with their gates (0 on empty slots) and tokens."""
+    w1, b1, w2, b2, act = experts
+    e, a = w1.shape[0], gate.shape[0]
+    i = torch.arange(c, device=x.device)  # [c]
+    pos = (counts.cumsum(0) - counts)[:, None] + i  # [e, c] position among the sorted assignments
+    filled = (i < counts[:, None]).reshape(-1)  # [e * c]
+    pos = pos.reshape(-1).clamp(max=max(a - 1, 0))
+    slab_token = token[pos] if a else token.new_zeros(e * c)
+    slab_gate = torch.where(filled, gate[pos], 0) if a else gate.new_zeros(e * c)
+    rows = x.index_select(0, slab_token).view(e, c, x.shape[1])  # [e, c, d_in]
+    # bmm then an in-place bias add: baddbmm with a broadcast bias took ~1.7x the plain bmm
+    hidden = act(torch.bmm(rows, w1).add_(b1[:, None, :]))  # [e, c, h]
+    y = torch.bmm(hidden, w2).add_(b2[:, None, :]).reshape(e * c, w2.shape[2])  # [e * c, d_out]
+    return y, slab_gate, slab_token
 
 
 DISPATCH_KERNELS = {"loop": dispatch_loop, "grouped": dispatch_grouped, "bmm": dispatch_bmm}
