@@ -297,6 +297,14 @@ BAD_INPUTS = [
         id="npz-1e300",
     ),
     pytest.param(lambda t: ["bench", "local", "--stages", "0"], "--stages", id="bench-stages-0"),
+    pytest.param(
+        lambda t: ["bench", "pipeline", "--config", "mnist1d_cnn", "--processes", "9"],
+        "--processes 9: must be <= the number of stages",
+        id="bench-pipeline-config-processes",
+    ),
+    pytest.param(
+        lambda t: ["bench", "pipeline", "--config", "nope.yaml"], "nope.yaml", id="bench-config"
+    ),
     pytest.param(lambda t: ["nope"], "No such command", id="unknown-command"),
     pytest.param(lambda t: ["train", "--nope"], "No such option", id="unknown-option"),
     pytest.param(lambda t: ["eval"], "Missing argument", id="missing-argument"),

@@ -20,8 +20,8 @@ SHARES = {2: [0.45, 0.55], 4: [0.2, 0.3, 0.25, 0.25]}
 def fake_runner(configs: list, slow_spell: tuple[int, float] = (-1, 1.0)):
     """``slow_spell``: (the run, counted from 0, whose rates are scaled, the factor)."""
 
-    def runner(overrides: list[str], run_dir):
-        cfg = load_config(None, overrides)
+    def runner(overrides: list[str], run_dir, config=None):
+        cfg = load_config(config, overrides)
         configs.append(cfg)
         n = cfg.train.parallel
         rate = RATES[(cfg.threads, n, cfg.train.pipeline.balance if n > 1 else None)]
@@ -91,3 +91,26 @@ def test_rounds_repeat_every_run_and_report_the_median(tmp_path):
     two = result["pipelines"][pipeline_name(2, "time")]
     assert two["vs_sequential_n_threads"] == pytest.approx(1600 / 1300)
     assert "median of 3 round(s)" in out.with_suffix(".md").read_text()
+
+
+def test_a_user_config_keeps_its_network_and_data(tmp_path):
+    config = tmp_path / "cnn.yaml"
+    config.write_text(
+        "data: {name: digits, shape: image}\n"
+        "model:\n  stages:\n"
+        "    - {kind: conv, channels: 4, kernel: 3}\n"
+        "    - {kind: conv, channels: 8, kernel: 3}\n"
+        "    - {kind: flatten}\n"
+        "train: {method: local, aux: {kind: linear}, batch_size: 32}\n"
+    )
+    configs = []
+    out = tmp_path / "pipeline.json"
+    run([9, 9], 64, 120, [1, 2], ["time"], out, fake_runner(configs), config=config)
+    assert len(configs) == 3
+    for cfg in configs:
+        assert [s.kind for s in cfg.model.stages] == ["conv", "conv", "flatten"]
+        assert (cfg.data.name, cfg.train.aux.kind) == ("digits", "linear")
+        assert (cfg.train.batch_size, cfg.train.steps) == (64, 120)
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith(f"`{config}` (its data, stages and aux nets), local learning, batch 64")
+    assert json.loads(out.read_text())["widths"] is None

@@ -50,8 +50,13 @@ def base_overrides(stages: int, width: int, steps: int) -> list[str]:
     ]
 
 
-def run_one(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    args = [sys.executable, "-m", "neuroplex", "train", "--run-dir", str(run_dir)]
+def run_one(
+    overrides: list[str], run_dir: Path, config: str | Path | None = None
+) -> dict[str, Any]:
+    """Train ``config`` (None: the built-in defaults) with ``overrides`` in a fresh process into
+    ``run_dir``; its summary."""
+    args = [sys.executable, "-m", "neuroplex", "train", *([str(config)] if config else [])]
+    args += ["--run-dir", str(run_dir)]
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, "CI": "1"}  # plain progress lines

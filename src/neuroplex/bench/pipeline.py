@@ -1,8 +1,10 @@
 """``neuroplex bench pipeline``: throughput of pipelined local learning (``train.parallel: N``)
 against the sequential local run given the same cores, for each N asked.
 
-Runs of one MNIST-1D config (dense stages, local learning, linear aux nets), one after another,
-each in its own process(es):
+Runs of one config, one after another, each in its own process(es): by default MNIST-1D with
+dense stages of the given widths, local learning, linear aux nets; with ``--config`` a user's
+config (its data, stages and aux nets; local learning), e.g. a CNN whose stages' costs follow
+their feature maps' size rather than their parameter counts. The runs compared:
 
 - sequential with torch threads = 1 (the baseline of every ratio);
 - for each N > 1: sequential with torch threads = N (the N cores used by intra-op threads), and
@@ -35,7 +37,7 @@ from neuroplex.bench.local import run_one
 from neuroplex.distributed.balance import PLAN
 from neuroplex.files import read_jsonl
 
-Runner = Callable[[list[str], Path], Any]
+Runner = Callable[[list[str], Path, str | Path | None], Any]  # (overrides, run dir, config file)
 GOAL_SPEEDUP, GOAL_CEILING, GOAL_BALANCE = 1.35, 0.90, 1.2  # issue 17's goals, printed beside
 
 
@@ -53,6 +55,11 @@ def shared_overrides(widths: list[int], batch: int, steps: int) -> list[str]:
         "train.method=local",
         "train.aux.kind=linear",
     ]
+
+
+def config_overrides(batch: int, steps: int) -> list[str]:
+    """The shared overrides on a user's config: its network and data stay as they are."""
+    return [f"train.steps={steps}", f"train.batch_size={batch}", "train.method=local"]
 
 
 def runs(processes: list[int], balances: list[str]) -> dict[str, list[str]]:
@@ -88,14 +95,17 @@ def run(
     out: Path,
     runner: Runner = run_one,
     rounds: int = 1,
+    config: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the runs one after another, ``rounds`` times over (round-robin, so a slow spell of
     the machine is shared out; each run's figure is its median over the rounds, its split the
-    first round's); write the JSON and a markdown table beside it."""
-    shared = shared_overrides(widths, batch, steps)
+    first round's); write the JSON and a markdown table beside it. ``config``: a config file
+    whose network is benchmarked instead of the dense ``widths`` (which are then ignored)."""
+    shared = config_overrides(batch, steps) if config else shared_overrides(widths, batch, steps)
     result: dict[str, Any] = {
         "machine": machine(),
-        "widths": widths,
+        "config": None if config is None else str(config),
+        "widths": None if config else widths,
         "batch": batch,
         "steps": steps,
         "rounds": rounds,
@@ -111,7 +121,7 @@ def run(
         for r in range(rounds):
             for i, (name, extra) in enumerate(runs(processes, balances).items()):
                 run_dir = Path(tmp) / f"round-{r}-run-{i}"
-                runner([*shared, *extra], run_dir)
+                runner([*shared, *extra], run_dir, config)
                 by_round.setdefault(name, []).append(throughput(run_dir))
                 if (run_dir / PLAN).is_file():
                     plan = json.loads((run_dir / PLAN).read_text(encoding="utf-8"))
@@ -146,11 +156,14 @@ def pipeline_figures(result: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def table(result: dict[str, Any]) -> str:
     rates, one = result["samples_per_s"], result["samples_per_s"]["sequential, 1 thread"]
-    widths = ", ".join(str(w) for w in result["widths"])
+    if result.get("config"):
+        network = f"`{result['config']}` (its data, stages and aux nets), local learning"
+    else:
+        widths = ", ".join(str(w) for w in result["widths"])
+        network = f"MNIST-1D, local learning (linear aux nets), dense stages of widths {widths}"
     lines = [
-        f"MNIST-1D, local learning (linear aux nets), dense stages of widths {widths}, "
-        f"batch {result['batch']}, {result['steps']} steps, median of {result.get('rounds', 1)} "
-        f"round(s) ({result['machine']}).",
+        f"{network}, batch {result['batch']}, {result['steps']} steps, median of "
+        f"{result.get('rounds', 1)} round(s) ({result['machine']}).",
         "",
         "| run | samples/s | vs sequential, 1 thread |",
         "|---|---|---|",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -115,20 +115,29 @@ def bench_pipeline(
     rounds: Annotated[
         int, typer.Option(min=1, help="repeat every run this many times, round-robin (median)")
     ] = 1,
+    config: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="benchmark this config's network and data (a YAML file or shipped config name) "
+            "instead of the dense stages"
+        ),
+    ] = None,
 ) -> None:
     """Local learning throughput: pipelined stage groups (one thread per process) vs sequential."""
     from neuroplex.bench.pipeline import run, table
+    from neuroplex.config import load_config
 
     sizes = widths or [width] * stages
     if any(w < 1 for w in sizes):
         raise NeuroplexError(f"--widths {sizes}: every width must be >= 1")
+    n_stages = len(load_config(config).model.stages) if config else len(sizes)
     for n in processes:
-        if n > len(sizes):
-            raise NeuroplexError(f"--processes {n}: must be <= the number of stages ({len(sizes)})")
+        if n > n_stages:
+            raise NeuroplexError(f"--processes {n}: must be <= the number of stages ({n_stages})")
     for rule in balance:
         if rule not in ("time", "params"):
             raise NeuroplexError(f"--balance {rule!r}: expected 'time' or 'params'")
-    print(table(run(sizes, batch, steps, processes, balance, out, rounds=rounds)))
+    print(table(run(sizes, batch, steps, processes, balance, out, rounds=rounds, config=config)))
 
 
 @bench_app.command("sparse")
