@@ -272,6 +272,20 @@ def test_dropless_compiles_around_its_one_break_and_matches_eager(dispatch):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+def test_eager_dropless_bmm_slab_holds_every_row_without_the_overflow_sync(monkeypatch):
+    moe, x = _compile_pair(None, "bmm")
+
+    def no_overflow(*args):
+        raise AssertionError("eager dropless bmm called add_overflow (a host sync for nothing)")
+
+    monkeypatch.setattr("neuroplex.layers.moe.add_overflow", no_overflow)
+    got = _grads(moe, x)
+    assert moe.stats["load"].max().item() > 1 / moe.n_experts  # uneven: a mean slab would spill
+    moe.dispatch = "loop"
+    for g, w in zip(got, _grads(moe, x), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cap", [None, 1.0])
 def test_export_for_inference_matches_eager(cap):
     torch.manual_seed(0)

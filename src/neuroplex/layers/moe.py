@@ -420,8 +420,10 @@ class MoE(Routed):
         dispatch, experts = self._pick_dispatch(xs, plan.cap), self._experts(xs.dtype)
         y, y_gate, y_token = DISPATCH_KERNELS[dispatch](xs, *plan, experts)
         # the dropless graph break (the loop, or bmm's overflow) is called from forward itself:
-        # a break inside a helper would split every frame above it too
-        if dispatch == "bmm" and plan.cap is None and y.shape[0] < xs.shape[0] * self.n_experts:
+        # a break inside a helper would split every frame above it too. Only a compiled slab
+        # (c = ceil(a / e)) can overflow: eager, it holds the largest count
+        slab_of_mean = y.shape[0] < xs.shape[0] * self.n_experts and torch.compiler.is_compiling()
+        if dispatch == "bmm" and plan.cap is None and slab_of_mean:
             y, y_gate, y_token = add_overflow(xs, *plan, experts, (y, y_gate, y_token))
         out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
         out, n_drop, all_dropped = self._drops(xs, out, plan)

@@ -11,8 +11,8 @@ assignments ``[a', d_out]`` with their gates and tokens. Paths:
 - ``loop``: one matmul per expert on its contiguous slice (slice sizes are host ints: a sync);
 - ``grouped``: the same slices as one ``torch.nn.functional.grouped_mm`` per layer with an
   offsets tensor (no host sync when nothing is dropped);
-- ``bmm``: rows scattered into a zero-padded ``[e, c, d_in]`` buffer, two batched matmuls; with a
-  capacity (or ``c = b`` where no count can be read: meta tensors, ``torch.export``) no
+- ``bmm``: a slab of ``c`` rows per expert gathered into ``[e, c, d_in]``, two batched matmuls;
+  with a capacity (or ``c = b`` where no count can be read: meta tensors, ``torch.export``) no
   data-dependent shape at all, so it is the path ``torch.compile(fullgraph=True)`` traces.
 """
 
@@ -43,11 +43,16 @@ def dispatch_loop(x, expert, gate, token, rank, counts, cap, experts: Experts) -
     """One matmul per expert and layer (``counts.tolist()`` syncs with the host: the slice sizes
     must be Python ints). Under ``torch.compile`` this function runs eagerly: the one graph
     break of the dropless path."""
-    w1, b1, w2, b2, act = experts
     _, gate, token, counts = keep_within_capacity(expert, gate, token, rank, counts, cap)
-    sizes = counts.tolist()
+    return _loop_rows(x, token, counts.tolist(), experts), gate, token
+
+
+def _loop_rows(x: Tensor, token: Tensor, sizes: list[int], experts: Experts) -> Tensor:
+    """The rows ``x[token]``, in consecutive groups of ``sizes[j]`` for expert ``j``, through
+    the experts: ``[a', d_out]``."""
+    w1, b1, w2, b2, act = experts
     hidden = act(_GroupedLinear.apply(x.index_select(0, token), w1, b1, sizes))  # [a', h]
-    return _GroupedLinear.apply(hidden, w2, b2, sizes), gate, token  # [a', d_out]
+    return _GroupedLinear.apply(hidden, w2, b2, sizes)
 
 
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -91,15 +96,12 @@ def add_overflow(
     """The slab of :func:`dispatch_bmm` (no capacity, ``c < b``) plus the assignments of rank
     ``>= c`` through the loop (``nonzero`` and ``tolist``: host syncs, hence eager even under
     ``torch.compile``: the one graph break of the dropless path)."""
-    w1, b1, w2, b2, act = experts
-    c = slab[0].shape[0] // w1.shape[0]
+    c = slab[0].shape[0] // counts.shape[0]
     over = (rank >= c).nonzero().squeeze(1)  # [a_o], still sorted by expert
     if over.numel() == 0:
         return slab
-    sizes = (counts - c).clamp(min=0).tolist()
     token_o = token[over]
-    hidden = act(_GroupedLinear.apply(x.index_select(0, token_o), w1, b1, sizes))  # [a_o, h]
-    y_o = _GroupedLinear.apply(hidden, w2, b2, sizes)  # [a_o, d_out]
+    y_o = _loop_rows(x, token_o, (counts - c).clamp(min=0).tolist(), experts)  # [a_o, d_out]
     y, slab_gate, slab_token = slab
     return torch.cat([y, y_o]), torch.cat([slab_gate, gate[over]]), torch.cat([slab_token, token_o])
 
