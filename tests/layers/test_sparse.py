@@ -102,6 +102,22 @@ def test_gather_in_several_chunks(monkeypatch, bias):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("pattern", ["ring", "shuffle"])
+def test_window_weight_gradient_summed_over_several_batch_chunks(monkeypatch, pattern):
+    monkeypatch.setattr(sparse_kernels, "WEIGHT_GRAD_ROWS", 2)  # 5 rows: chunks 2, 2, 1
+    wiring = W.modular(10, 15, 5, 2, pattern, seed=3)  # k 3: two windows wrap around
+    layer = SparseLinear(wiring, path="block-window", dtype=F64)
+    assert (layer.geo["k"], getattr(layer, "order", None) is None) == (3, pattern == "ring")
+    x = torch.randn(5, 10, dtype=F64, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    (grad_w,) = torch.autograd.grad(y, [layer.weight], gy)
+    mask = torch.as_tensor(wiring.to_mask())
+    torch.testing.assert_close(
+        dense_view(layer, grad_w), (gy.t() @ x.detach()) * mask, atol=1e-10, rtol=0
+    )
+
+
 def test_gather_with_an_unread_input_ensemble_and_unequal_fan_outs():
     # input 1 feeds no output (zero gradient); inputs 0, 2, 3 are read 3, 2 and 1 times
     wiring = W.hypergraph([2, 3, 2, 1], [2] * 3, [([0, 2], 0), ([0], 1), ([0, 2, 3], 2)])

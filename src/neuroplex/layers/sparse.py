@@ -12,9 +12,11 @@ Paths (chosen by :func:`~neuroplex.layers.sparse_plan.choose_path`; ``path_reaso
   recomputed in backward rather than saved, so the layer saves no more than ``nn.Linear``.
 - ``block-window``: every output ensemble reads ``k`` consecutive input ensembles of one cyclic
   ensemble order, starting at its own (``modular`` "ring" and "shuffle"). Laid out in that
-  order and extended cyclically, the inputs of each output form one overlapping strided
-  window of ``x``: forward, grad-input and grad-weight are one ``bmm`` each, with no copy of
-  ``x`` per connection.
+  order (a ring's is its ensemble order: nothing moves), the inputs of each output form one
+  overlapping strided window of ``x``: forward, grad-input and grad-weight are one ``bmm``
+  each over the windows that do not wrap around (views of ``x``) and one over the ``k-1``
+  that do (views of a small copy of the blocks around the wrap), each writing straight into
+  its blocks of the result.
 - ``block-gather``: any other block wiring. Output ensembles are padded to the largest fan-in
   ``k`` with zero dummy blocks. The kernel works on ``x^T``, where each block is one contiguous
   chunk: the ``k`` input blocks of a few outputs at a time are chunk-copied into one reused
@@ -132,13 +134,11 @@ class SparseLinear(nn.Module):
         if blocks.order is None:
             index("gather", np.maximum(blocks.block_in, 0).reshape(g_out, k))
             return
-        order, ext = blocks.order, np.arange(g_out + k - 1)
-        q, u = np.arange(g_out)[:, None], np.arange(k)[None]  # readers of input position q
+        order = blocks.order
+        if (order == np.arange(g_out)).all():  # kernels move no block (geo holds None)
+            return
         index("order", order)  # ensemble at each cyclic position
         index("position", np.argsort(order))  # cyclic position of each ensemble
-        index("ext_in", order[ext % g_in])  # input blocks by position, extended cyclically
-        index("ext_out", order[(ext - k + 1) % g_out])  # output blocks from position 1-k
-        index("readers", (((q - k + 1 + u) % g_out) * k + k - 1 - u).ravel())
 
     @torch.no_grad()
     def set_wiring(self, wiring: Wiring, path: str = "auto") -> None:
@@ -242,11 +242,11 @@ class SparseLinear(nn.Module):
             if bias is not None:
                 bias = bias.new_zeros(g["g_out"] * g["s_out"]).index_copy(0, self.out_cols, bias)
         if self.path == "block-window":
-            names = ("order", "position", "ext_in", "ext_out", "readers")
+            names = ("order", "position")
             kernel = WindowMatmul
         else:
             names, kernel = ("gather",), GatherMatmul
-        geo = g | {name: getattr(self, name) for name in (*names, "pad_mask")}
+        geo = g | {name: getattr(self, name, None) for name in (*names, "pad_mask")}
         y = kernel.apply(x, weight, bias, geo)
         return y.index_select(1, self.out_cols) if self.padded else y  # [b, n_out]
 
@@ -288,5 +288,5 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, .
 # every buffer _build may register: a rebuild drops them all before registering its own
 _STRUCTURE = frozenset(
     ("fan_in", "mask", "block_in", "block_out", "in_cols", "out_cols", "pad_mask")
-    + ("gather", "order", "position", "ext_in", "ext_out", "readers")
+    + ("gather", "order", "position")
 )

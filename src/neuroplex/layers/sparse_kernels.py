@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 
 _DIMS = ("k", "g_in", "g_out", "s_in", "s_out")
 GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mmap per call
+WEIGHT_GRAD_ROWS = 128  # batch rows per chunk of the block-window weight gradient
 
 
 def _windows(t: Tensor, g: int, width: int, step: int, offset: int = 0) -> Tensor:
@@ -66,27 +67,59 @@ def _blocks_of(t: Tensor, index: Tensor, s: int) -> Tensor:
     return t.view(t.shape[0], -1, s).index_select(1, index).view(t.shape[0], -1)
 
 
-def _to_ensembles(y: Tensor, geo: dict, bias: Tensor | None = None) -> Tensor:
-    """``[g, b, s]`` by cyclic position ``-> [b, g*s]`` by ensemble (one copy), plus
-    ``bias [g*s]`` (by ensemble) if given, in place."""
-    out = y.transpose(0, 1).index_select(1, geo["position"]).view(y.shape[1], -1)
-    return out if bias is None else out.add_(bias)
+def _reorder(t: Tensor, index: Tensor | None, s: int) -> Tensor:
+    """``t [b, g*s]`` with its blocks taken in ``index`` order (a copy), or ``t`` itself when
+    ``index`` is None (the identity: a ring wiring's cyclic order is its ensemble order)."""
+    return t if index is None else _blocks_of(t, index, s)
+
+
+def _cyclic_windows(t: Tensor, k: int, s: int, first: int):
+    """Yield ``(q0, q1, windows [q1-q0, b, k*s])`` covering positions ``0 <= q < g``: window
+    ``q`` holds blocks ``q+first .. q+first+k-1`` (cyclic) of ``t [b, g*s]``, for ``first`` 0
+    (an output's inputs) or ``1-k`` (an input's readers). The ``g-k+1`` windows that do not
+    wrap are views of ``t``; the ``k-1`` that do are views of one ``[b, (2k-2)*s]`` copy of the
+    blocks around the wrap, so ``t`` itself is never extended (a full copy per product)."""
+    g = t.shape[1] // s
+    n = g - k + 1
+    yield -first, n - first, _windows(t, n, k * s, s)
+    if k > 1:
+        tail = torch.cat([t[:, n * s :], t[:, : (k - 1) * s]], 1)
+        q0 = (n - first) % g
+        yield q0, q0 + k - 1, _windows(tail, k - 1, k * s, s)
+
+
+def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> Tensor:
+    """``[b, g*s_out]``: block ``q`` is window ``q`` of ``t`` (``_cyclic_windows``) times
+    ``weight[q] [k*s, s_out]``, each ``bmm`` writing straight into its blocks of the result
+    (a strided ``out``, 5-7% faster than a contiguous ``[g, b, s_out]`` product transposed
+    afterwards at b 2048, 4096 units in blocks of 64, k 8)."""
+    b, g, s_out = t.shape[0], weight.shape[0], weight.shape[2]
+    out = t.new_empty(b, g, s_out)
+    out_t = out.transpose(0, 1)
+    for q0, q1, win in _cyclic_windows(t, k, s, first):
+        if torch.compiler.is_compiling():  # dynamo refuses a strided out=
+            out_t[q0:q1] = torch.bmm(win, weight[q0:q1])
+        else:
+            torch.bmm(win, weight[q0:q1], out=out_t[q0:q1])
+    return out.view(b, g * s_out)
 
 
 class WindowMatmul(torch.autograd.Function):
     """Block-window product; ``x [b, g*s_in]`` padded, ``weight [g, k*s_in, s_out]`` with
-    ``weight[q]`` reading the input blocks at cyclic positions ``q .. q+k-1``."""
+    ``weight[q]`` reading the input blocks at cyclic positions ``q .. q+k-1``. ``geo["order"]``
+    (ensemble at each position) and ``geo["position"]`` (its inverse) are None for the
+    identity order, where no block is moved at all."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, geo: dict) -> Tensor:
-        g, k, s_in = geo["g_out"], geo["k"], geo["s_in"]
         ctx.save_for_backward(x, weight)
         ctx.geo = geo
-        weight = _masked(weight, geo)
-        win = _windows(_blocks_of(x, geo["ext_in"], s_in), g, k * s_in, s_in)  # [g, b, k*s_in]
-        # the bias is added in the copy to ensemble order: baddbmm with a broadcast bias
-        # measured ~1.7x the time of bmm here
-        return _to_ensembles(torch.bmm(win, weight), geo, bias)  # [g, b, s_out] -> [b, g*s_out]
+        x_pos = _reorder(x, geo["order"], geo["s_in"])
+        y = _window_products(x_pos, _masked(weight, geo), geo["k"], geo["s_in"], 0)
+        y = _reorder(y, geo["position"], geo["s_out"])
+        # the bias is added afterwards: baddbmm with a broadcast bias measured ~1.7x the time
+        # of bmm here
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     @once_differentiable
@@ -95,21 +128,61 @@ class WindowMatmul(torch.autograd.Function):
         geo = ctx.geo
         g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
         weight = _masked(weight, geo)
-        # ge: grad columns by output position q-k+1 .. g-1 (cyclic), [b, (g+k-1)*s_out]
-        ge = _blocks_of(grad.contiguous(), geo["ext_out"], s_out)
+        grad_pos = _reorder(grad.contiguous(), geo["order"], s_out)  # by cyclic position
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # input position q is read by output positions q-k+1 .. q: one window of ge
-            w_t = weight.view(g, k, s_in, s_out).transpose(2, 3).reshape(g * k, s_out, s_in)
-            w_t = w_t.index_select(0, geo["readers"]).view(g, k * s_out, s_in)
-            grad_x = _to_ensembles(torch.bmm(_windows(ge, g, k * s_out, s_out), w_t), geo)
+            # input position i is read by output positions i-k+1 .. i: its weight blocks, by
+            # reader, are [s_in, k*s_out] (transposed in the product)
+            by_input = _relayout(weight, weight.new_empty(g, s_in, k * s_out), k, to_input=True)
+            grad_x = _window_products(grad_pos, by_input.transpose(1, 2), k, s_out, 1 - k)
+            grad_x = _reorder(grad_x, geo["position"], s_in)
         if ctx.needs_input_grad[1]:
-            win = _windows(_blocks_of(x, geo["ext_in"], s_in), g, k * s_in, s_in)
-            grad_y = _windows(ge, g, s_out, s_out, offset=(k - 1) * s_out)  # [g, b, s_out]
-            grad_w = _masked_grad(torch.bmm(win.transpose(1, 2), grad_y), geo)
+            grad_w = _window_weight_grad(_reorder(x, geo["order"], s_in), grad_pos, geo)
+            grad_w = _masked_grad(grad_w, geo)
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b, None
+
+
+def _window_weight_grad(x_pos: Tensor, grad_pos: Tensor, geo: dict) -> Tensor:
+    """The block-window weight gradient ``[g, k*s_in, s_out]`` from ``x_pos [b, g*s_in]`` and
+    ``grad_pos [b, g*s_out]`` (both by cyclic position), one product per *input* block:
+    ``x_i^T [s_in, b]`` times the gradient window of its readers ``[b, k*s_out]`` is the
+    input's ``k`` weight blocks, by reader (``_relayout``), summed over chunks of
+    ``WEIGHT_GRAD_ROWS`` rows of the batch so that each chunk's windows, which overlap ``k``
+    times, are reused from cache (4096 units in blocks of 64, k 8, 1 thread, GFLOP/s: per
+    input, chunks of 128 rows 157-160 at b 2048 and 162 at b 256; whole batch 92-96 and
+    133; per output, ``window_q^T @ grad_q`` over the whole batch, 72-75 and 92)."""
+    g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
+    x_t = x_pos.view(-1, g, s_in).permute(1, 2, 0)  # [g, s_in, b], a view
+    by_input = x_pos.new_empty(g, s_in, k * s_out)
+    for r0 in range(0, x_pos.shape[0], WEIGHT_GRAD_ROWS):
+        rows = slice(r0, r0 + WEIGHT_GRAD_ROWS)
+        for q0, q1, win in _cyclic_windows(grad_pos[rows], k, s_out, 1 - k):
+            if r0 == 0:
+                torch.bmm(x_t[q0:q1, :, rows], win, out=by_input[q0:q1])
+            else:
+                by_input[q0:q1].baddbmm_(x_t[q0:q1, :, rows], win)
+    return _relayout(x_pos.new_empty(g, k * s_in, s_out), by_input, k, to_input=False)
+
+
+def _relayout(by_output: Tensor, by_input: Tensor, k: int, to_input: bool) -> Tensor:
+    """Copy window weight blocks between the two layouts, into ``by_input`` if ``to_input``
+    else into ``by_output``; returns the one written. ``by_output [g, k*s_in, s_out]``: block
+    ``t`` of output ``q`` reads input ``q+t``; ``by_input [g, s_in, k*s_out]``: block ``u`` of
+    input ``i`` is read by output ``i-k+1+u`` (so block ``(q, t)`` is block ``(q+t, k-1-t)``).
+    For each ``t`` that is a cyclic shift of the ensembles: two slice copies, one pass over
+    the weights (a block permutation by index measured 2-3x that)."""
+    g, s_out = by_output.shape[0], by_output.shape[2]
+    out4 = by_output.view(g, k, -1, s_out)  # [g, k, s_in, s_out]
+    in4 = by_input.view(g, -1, k, s_out)  # [g, s_in, k, s_out]
+    for t in range(k):
+        for outs, ins in ((slice(0, g - t), slice(t, g)), (slice(g - t, g), slice(0, t))):
+            if to_input:
+                in4[ins, :, k - 1 - t].copy_(out4[outs, t])
+            else:
+                out4[outs, t].copy_(in4[ins, :, k - 1 - t])
+    return by_input if to_input else by_output
 
 
 def _spans(n: int, per: int):
