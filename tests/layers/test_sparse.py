@@ -104,7 +104,7 @@ def test_gather_in_several_chunks(monkeypatch, bias):
 
 @pytest.mark.parametrize("pattern", ["ring", "shuffle"])
 def test_window_weight_gradient_summed_over_several_batch_chunks(monkeypatch, pattern):
-    monkeypatch.setattr(sparse_kernels, "WEIGHT_GRAD_ROWS", 2)  # 5 rows: chunks 2, 2, 1
+    monkeypatch.setattr(sparse_kernels, "CHUNK_ROWS", 2)  # 5 rows: chunks 2, 2, 1
     wiring = W.modular(10, 15, 5, 2, pattern, seed=3)  # k 3: two windows wrap around
     layer = SparseLinear(wiring, path="block-window", dtype=F64)
     assert (layer.geo["k"], getattr(layer, "order", None) is None) == (3, pattern == "ring")

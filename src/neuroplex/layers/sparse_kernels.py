@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 
 _DIMS = ("k", "g_in", "g_out", "s_in", "s_out")
 GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mmap per call
-WEIGHT_GRAD_ROWS = 128  # batch rows per chunk of the block-window weight gradient
+CHUNK_ROWS = 128  # batch rows per chunk of the block-window products
 
 
 def _windows(t: Tensor, g: int, width: int, step: int, offset: int = 0) -> Tensor:
@@ -90,17 +90,20 @@ def _cyclic_windows(t: Tensor, k: int, s: int, first: int):
 
 def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> Tensor:
     """``[b, g*s_out]``: block ``q`` is window ``q`` of ``t`` (``_cyclic_windows``) times
-    ``weight[q] [k*s, s_out]``, each ``bmm`` writing straight into its blocks of the result
-    (a strided ``out``, 5-7% faster than a contiguous ``[g, b, s_out]`` product transposed
-    afterwards at b 2048, 4096 units in blocks of 64, k 8)."""
+    ``weight[q] [k*s, s_out]``.
+
+    Runs in chunks of ``CHUNK_ROWS`` rows of the batch, so each chunk's windows, which overlap
+    ``k`` times, are reused from cache, and each chunk's product is copied into its blocks of
+    the result while it is in cache: ``bmm`` with a strided ``out=`` computes slower (and
+    dynamo refuses it), and a whole-batch product transposed afterwards is one more pass over
+    the output."""
     b, g, s_out = t.shape[0], weight.shape[0], weight.shape[2]
     out = t.new_empty(b, g, s_out)
     out_t = out.transpose(0, 1)
-    for q0, q1, win in _cyclic_windows(t, k, s, first):
-        if torch.compiler.is_compiling():  # dynamo refuses a strided out=
-            out_t[q0:q1] = torch.bmm(win, weight[q0:q1])
-        else:
-            torch.bmm(win, weight[q0:q1], out=out_t[q0:q1])
+    for r0 in range(0, b, CHUNK_ROWS):
+        rows = slice(r0, r0 + CHUNK_ROWS)
+        for q0, q1, win in _cyclic_windows(t[rows], k, s, first):
+            out_t[q0:q1, rows].copy_(torch.bmm(win, weight[q0:q1]))
     return out.view(b, g * s_out)
 
 
@@ -117,8 +120,6 @@ class WindowMatmul(torch.autograd.Function):
         x_pos = _reorder(x, geo["order"], geo["s_in"])
         y = _window_products(x_pos, _masked(weight, geo), geo["k"], geo["s_in"], 0)
         y = _reorder(y, geo["position"], geo["s_out"])
-        # the bias is added afterwards: baddbmm with a broadcast bias measured ~1.7x the time
-        # of bmm here
         return y if bias is None else y.add_(bias)
 
     @staticmethod
@@ -126,15 +127,15 @@ class WindowMatmul(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         geo = ctx.geo
-        g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
+        k, s_in, s_out = geo["k"], geo["s_in"], geo["s_out"]
         weight = _masked(weight, geo)
         grad_pos = _reorder(grad.contiguous(), geo["order"], s_out)  # by cyclic position
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # input position i is read by output positions i-k+1 .. i: its weight blocks, by
             # reader, are [s_in, k*s_out] (transposed in the product)
-            by_input = _relayout(weight, weight.new_empty(g, s_in, k * s_out), k, to_input=True)
-            grad_x = _window_products(grad_pos, by_input.transpose(1, 2), k, s_out, 1 - k)
+            by_input = _by_input(weight, k).transpose(1, 2)
+            grad_x = _window_products(grad_pos, by_input, k, s_out, 1 - k)
             grad_x = _reorder(grad_x, geo["position"], s_in)
         if ctx.needs_input_grad[1]:
             grad_w = _window_weight_grad(_reorder(x, geo["order"], s_in), grad_pos, geo)
@@ -146,43 +147,39 @@ class WindowMatmul(torch.autograd.Function):
 
 def _window_weight_grad(x_pos: Tensor, grad_pos: Tensor, geo: dict) -> Tensor:
     """The block-window weight gradient ``[g, k*s_in, s_out]`` from ``x_pos [b, g*s_in]`` and
-    ``grad_pos [b, g*s_out]`` (both by cyclic position), one product per *input* block:
-    ``x_i^T [s_in, b]`` times the gradient window of its readers ``[b, k*s_out]`` is the
-    input's ``k`` weight blocks, by reader (``_relayout``), summed over chunks of
-    ``WEIGHT_GRAD_ROWS`` rows of the batch so that each chunk's windows, which overlap ``k``
-    times, are reused from cache (4096 units in blocks of 64, k 8, 1 thread, GFLOP/s: per
-    input, chunks of 128 rows 157-160 at b 2048 and 162 at b 256; whole batch 92-96 and
-    133; per output, ``window_q^T @ grad_q`` over the whole batch, 72-75 and 92)."""
+    ``grad_pos [b, g*s_out]`` (both by cyclic position): ``window_q^T @ grad_q`` summed over
+    chunks of ``CHUNK_ROWS`` rows of the batch, so each chunk's windows, which overlap ``k``
+    times, are reused from cache (4096 units in blocks of 64, k 8, 1 thread: 106-109 GFLOP/s
+    at b 2048 against 61-62 for the whole batch at once). Per input block (``x_i^T`` times
+    its readers' gradient window) ran 10-15% faster but needs the result moved into this
+    layout, one more pass over the weights, which lost at b 256."""
     g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
-    x_t = x_pos.view(-1, g, s_in).permute(1, 2, 0)  # [g, s_in, b], a view
-    by_input = x_pos.new_empty(g, s_in, k * s_out)
-    for r0 in range(0, x_pos.shape[0], WEIGHT_GRAD_ROWS):
-        rows = slice(r0, r0 + WEIGHT_GRAD_ROWS)
-        for q0, q1, win in _cyclic_windows(grad_pos[rows], k, s_out, 1 - k):
+    grad_w = x_pos.new_empty(g, k * s_in, s_out)
+    grad_y = grad_pos.view(-1, g, s_out).transpose(0, 1)  # [g, b, s_out], a view
+    for r0 in range(0, x_pos.shape[0], CHUNK_ROWS):
+        rows = slice(r0, r0 + CHUNK_ROWS)
+        for q0, q1, win in _cyclic_windows(x_pos[rows], k, s_in, 0):
+            factors = (win.transpose(1, 2), grad_y[q0:q1, rows])
             if r0 == 0:
-                torch.bmm(x_t[q0:q1, :, rows], win, out=by_input[q0:q1])
+                torch.bmm(*factors, out=grad_w[q0:q1])
             else:
-                by_input[q0:q1].baddbmm_(x_t[q0:q1, :, rows], win)
-    return _relayout(x_pos.new_empty(g, k * s_in, s_out), by_input, k, to_input=False)
+                grad_w[q0:q1].baddbmm_(*factors)
+    return grad_w
 
 
-def _relayout(by_output: Tensor, by_input: Tensor, k: int, to_input: bool) -> Tensor:
-    """Copy window weight blocks between the two layouts, into ``by_input`` if ``to_input``
-    else into ``by_output``; returns the one written. ``by_output [g, k*s_in, s_out]``: block
-    ``t`` of output ``q`` reads input ``q+t``; ``by_input [g, s_in, k*s_out]``: block ``u`` of
-    input ``i`` is read by output ``i-k+1+u`` (so block ``(q, t)`` is block ``(q+t, k-1-t)``).
-    For each ``t`` that is a cyclic shift of the ensembles: two slice copies, one pass over
-    the weights (a block permutation by index measured 2-3x that)."""
-    g, s_out = by_output.shape[0], by_output.shape[2]
-    out4 = by_output.view(g, k, -1, s_out)  # [g, k, s_in, s_out]
-    in4 = by_input.view(g, -1, k, s_out)  # [g, s_in, k, s_out]
+def _by_input(weight: Tensor, k: int) -> Tensor:
+    """Window weight blocks by the input that they read: ``weight [g, k*s_in, s_out]`` (block
+    ``t`` of output ``q`` reads input ``q+t``) -> ``[g, s_in, k*s_out]`` (block ``u`` of input
+    ``i`` is read by output ``i-k+1+u``, so block ``(q, t)`` lands at ``(q+t, k-1-t)``). For
+    each ``t`` that is a cyclic shift of the ensembles: two slice copies, one pass over the
+    weights (a block permutation by index, then a transposing copy, is two)."""
+    g, s_out = weight.shape[0], weight.shape[2]
+    by_output = weight.view(g, k, -1, s_out)  # [g, k, s_in, s_out]
+    by_input = weight.new_empty(g, by_output.shape[2], k, s_out)
     for t in range(k):
         for outs, ins in ((slice(0, g - t), slice(t, g)), (slice(g - t, g), slice(0, t))):
-            if to_input:
-                in4[ins, :, k - 1 - t].copy_(out4[outs, t])
-            else:
-                out4[outs, t].copy_(in4[ins, :, k - 1 - t])
-    return by_input if to_input else by_output
+            by_input[ins, :, k - 1 - t].copy_(by_output[outs, t])
+    return by_input.view(g, -1, k * s_out)
 
 
 def _spans(n: int, per: int):
