@@ -575,6 +575,11 @@ class TrainConfig(StrictModel):
     compile: bool = Field(
         False, description="torch.compile every stage and the head (nn.Module.compile, in place)"
     )
+    channels_last: bool = Field(
+        False,
+        description="2-D feature maps and conv weights in channels-last memory order (timm's "
+        "--channels-last); the same numbers up to float rounding, faster convolutions",
+    )
     aux: AuxConfig = Field(default_factory=AuxConfig)
     plasticity: PlasticityConfig | None = Field(
         None, description="rewiring of the sparse layers during training; null = off"

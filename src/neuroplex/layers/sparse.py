@@ -15,8 +15,8 @@ Paths (chosen by :func:`~neuroplex.layers.sparse_plan.choose_path`; ``path_reaso
   order (a ring's is its ensemble order: nothing moves), the inputs of each output form one
   overlapping strided window of ``x``: forward, grad-input and grad-weight are one ``bmm``
   each over the windows that do not wrap around (views of ``x``) and one over the ``k-1``
-  that do (views of a small copy of the blocks around the wrap), each writing straight into
-  its blocks of the result.
+  that do (views of a small copy of the blocks around the wrap), in chunks of batch rows
+  whose windows stay in cache.
 - ``block-gather``: any other block wiring. Output ensembles are padded to the largest fan-in
   ``k`` with zero dummy blocks. The kernel works on ``x^T``, where each block is one contiguous
   chunk: the ``k`` input blocks of a few outputs at a time are chunk-copied into one reused

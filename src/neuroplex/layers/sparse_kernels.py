@@ -17,11 +17,11 @@ GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mma
 CHUNK_ROWS = 128  # batch rows per chunk of the block-window products
 
 
-def _windows(t: Tensor, g: int, width: int, step: int, offset: int = 0) -> Tensor:
+def _windows(t: Tensor, g: int, width: int, step: int) -> Tensor:
     """``g`` overlapping column windows of ``t [b, m]``, window ``q`` starting at column
-    ``offset + q * step``: a ``[g, b, width]`` view, no copy (``unfold`` rather than
-    ``as_strided``, which needs the storage offset and breaks ``torch.compile``'s graph)."""
-    return t[:, offset:].unfold(1, width, step)[:, :g].transpose(0, 1)
+    ``q * step``: a ``[g, b, width]`` view, no copy (``unfold`` rather than ``as_strided``,
+    which needs the storage offset and breaks ``torch.compile``'s graph)."""
+    return t.unfold(1, width, step)[:, :g].transpose(0, 1)
 
 
 class MaskedLinear(torch.autograd.Function):
@@ -156,7 +156,7 @@ def _window_weight_grad(x_pos: Tensor, grad_pos: Tensor, geo: dict) -> Tensor:
     g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
     grad_w = x_pos.new_empty(g, k * s_in, s_out)
     grad_y = grad_pos.view(-1, g, s_out).transpose(0, 1)  # [g, b, s_out], a view
-    for r0 in range(0, x_pos.shape[0], CHUNK_ROWS):
+    for r0 in range(0, max(x_pos.shape[0], 1), CHUNK_ROWS):  # an empty batch: one, of zeros
         rows = slice(r0, r0 + CHUNK_ROWS)
         for q0, q1, win in _cyclic_windows(x_pos[rows], k, s_in, 0):
             factors = (win.transpose(1, 2), grad_y[q0:q1, rows])

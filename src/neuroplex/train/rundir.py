@@ -254,6 +254,7 @@ def write_summary(
         "method": s.cfg.train.method,
         "precision": s.cfg.train.precision,
         "compile": s.cfg.train.compile,
+        "channels_last": s.cfg.train.channels_last,
         "dataset": {
             "name": data.name,
             "train": len(data.train),

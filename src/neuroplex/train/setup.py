@@ -80,6 +80,9 @@ def build_setup(
     if cfg.train.compile:
         compile_stages(model)
     method = METHODS[cfg.train.method](model, cfg)
+    if cfg.train.channels_last:  # 4-D weights only; the Parameters (and optimizers) stay
+        for part in method.modules():
+            part.to(memory_format=torch.channels_last)
     s = Setup(cfg, device, data, model, method, world or World())
     check_batchnorm_batches(s)
     s.plasticity = build_plasticity(
