@@ -83,6 +83,17 @@ TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-5, F64
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients_like_nn_linear(case):
+    layer = layer_for(case)
+    x = torch.randn(2, 0, layer.in_features, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 0, layer.out_features)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert (layer.weight.grad == 0).all() and (layer.bias.grad == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, F64])
 def test_plain_dtypes_forward_and_backward_match_float64(case, dtype):
     layer = layer_for(case, dtype)

@@ -64,7 +64,8 @@ def _masked_grad(grad_w: Tensor, geo: dict) -> Tensor:
 
 def _blocks_of(t: Tensor, index: Tensor, s: int) -> Tensor:
     """Blocks ``index`` of ``t [b, g*s]``, concatenated: ``[b, len(index)*s]``."""
-    return t.view(t.shape[0], -1, s).index_select(1, index).view(t.shape[0], -1)
+    b = t.shape[0]
+    return t.view(b, t.shape[1] // s, s).index_select(1, index).view(b, len(index) * s)
 
 
 def _reorder(t: Tensor, index: Tensor | None, s: int) -> Tensor:
@@ -155,7 +156,7 @@ def _window_weight_grad(x_pos: Tensor, grad_pos: Tensor, geo: dict) -> Tensor:
     layout, one more pass over the weights, which lost at b 256."""
     g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
     grad_w = x_pos.new_empty(g, k * s_in, s_out)
-    grad_y = grad_pos.view(-1, g, s_out).transpose(0, 1)  # [g, b, s_out], a view
+    grad_y = grad_pos.view(x_pos.shape[0], g, s_out).transpose(0, 1)  # [g, b, s_out], a view
     for r0 in range(0, max(x_pos.shape[0], 1), CHUNK_ROWS):  # an empty batch: one, of zeros
         rows = slice(r0, r0 + CHUNK_ROWS)
         for q0, q1, win in _cyclic_windows(x_pos[rows], k, s_in, 0):
@@ -190,7 +191,7 @@ def _spans(n: int, per: int):
 
 def _per_chunk(item_bytes: int) -> int:
     """How many items of ``item_bytes`` each fit ``GATHER_BYTES`` (at least 1)."""
-    return max(1, GATHER_BYTES // item_bytes)
+    return max(1, GATHER_BYTES // max(item_bytes, 1))  # an empty batch: items of 0 bytes
 
 
 class GatherMatmul(torch.autograd.Function):
@@ -257,7 +258,7 @@ def _gather_t(xt: Tensor, gather: Tensor, s: int):
     (g_dst, k), b = gather.shape, xt.shape[1]
     per = _per_chunk(xt.element_size() * k * s * b)
     buf = xt.new_empty(min(per, g_dst) * k, s * b)
-    src = xt.view(-1, s * b)  # one row per block
+    src = xt.view(xt.shape[0] // s, s * b)  # one row per block
     for j0, j1 in _spans(g_dst, per):
         part = buf[: (j1 - j0) * k]
         torch.index_select(src, 0, gather[j0:j1].reshape(-1), out=part)
@@ -278,5 +279,5 @@ def _grad_input(go: Tensor, weight: Tensor, geo: dict) -> Tensor:
     for j0, j1 in _spans(g_out, per):
         part = buf[: j1 - j0]
         torch.bmm(weight[j0:j1], go_t[j0:j1], out=part)
-        gxt.index_add_(0, geo["gather"][j0:j1].reshape(-1), part.view(-1, s_in * b))
+        gxt.index_add_(0, geo["gather"][j0:j1].reshape(-1), part.view((j1 - j0) * k, s_in * b))
     return gxt.view(g_in * s_in, b).t().contiguous()
