@@ -89,6 +89,13 @@ def _cyclic_windows(t: Tensor, k: int, s: int, first: int):
         yield q0, q0 + k - 1, _windows(tail, k - 1, k * s, s)
 
 
+def _row_chunks(b: int):
+    """Slices of ``CHUNK_ROWS`` batch rows covering ``range(b)``; one (empty) slice when
+    ``b == 0``, so a sum over the chunks is still written, as zeros."""
+    for r0 in range(0, max(b, 1), CHUNK_ROWS):
+        yield slice(r0, r0 + CHUNK_ROWS)
+
+
 def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> Tensor:
     """``[b, g*s_out]``: block ``q`` is window ``q`` of ``t`` (``_cyclic_windows``) times
     ``weight[q] [k*s, s_out]``.
@@ -101,8 +108,7 @@ def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> T
     b, g, s_out = t.shape[0], weight.shape[0], weight.shape[2]
     out = t.new_empty(b, g, s_out)
     out_t = out.transpose(0, 1)
-    for r0 in range(0, b, CHUNK_ROWS):
-        rows = slice(r0, r0 + CHUNK_ROWS)
+    for rows in _row_chunks(b):
         for q0, q1, win in _cyclic_windows(t[rows], k, s, first):
             out_t[q0:q1, rows].copy_(torch.bmm(win, weight[q0:q1]))
     return out.view(b, g * s_out)
@@ -157,11 +163,10 @@ def _window_weight_grad(x_pos: Tensor, grad_pos: Tensor, geo: dict) -> Tensor:
     g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
     grad_w = x_pos.new_empty(g, k * s_in, s_out)
     grad_y = grad_pos.view(x_pos.shape[0], g, s_out).transpose(0, 1)  # [g, b, s_out], a view
-    for r0 in range(0, max(x_pos.shape[0], 1), CHUNK_ROWS):  # an empty batch: one, of zeros
-        rows = slice(r0, r0 + CHUNK_ROWS)
+    for rows in _row_chunks(x_pos.shape[0]):
         for q0, q1, win in _cyclic_windows(x_pos[rows], k, s_in, 0):
             factors = (win.transpose(1, 2), grad_y[q0:q1, rows])
-            if r0 == 0:
+            if rows.start == 0:
                 torch.bmm(*factors, out=grad_w[q0:q1])
             else:
                 grad_w[q0:q1].baddbmm_(*factors)
