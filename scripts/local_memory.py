@@ -1,7 +1,7 @@
 """Activation memory of one training step of a config's network, by backprop and by local
 learning under several aux settings (the meter's figure: bytes saved for backward, peak).
 
-    python scripts/local_memory.py configs/fmnist_local.yaml [--set KEY=VALUE ...]... \
+    python scripts/local_memory.py configs/fmnist_cnn_local.yaml [--set KEY=VALUE ...]... \
         [--variant "train.aux.widen=0.5"]...
 
 Memory does not depend on the pixel values, so the batch is random (the config's batch size,

@@ -57,7 +57,9 @@ CONFIGS = [
     "configs/fmnist_mlp_small.yaml",  # fmnist_modular's equal-parameter dense twin
     "configs/fmnist_cnn.yaml",
     "configs/fmnist_modular_cnn.yaml",
-    "configs/fmnist_local.yaml",  # the CNN of fmnist_cnn trained by AugLocal
+    "configs/fmnist_cnn_local.yaml",  # the CNN of fmnist_cnn trained by AugLocal
+    "configs/fmnist_resnet.yaml",  # a small ResNet
+    "configs/fmnist_local.yaml",  # fmnist_resnet trained by AugLocal
     "configs/fmnist_allconv.yaml",  # a strided all-conv CNN
     "configs/fmnist_allconv_local.yaml",  # fmnist_allconv trained by AugLocal
     "configs/fmnist_moe_cnn.yaml",  # the CNN with a feature-map (per-position) MoE stage

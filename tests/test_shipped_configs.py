@@ -52,7 +52,11 @@ def test_the_dense_twin_wires_every_ensemble_to_every_other_and_changes_nothing_
 
 @pytest.mark.parametrize(
     "backprop, auglocal",
-    [("fmnist_cnn", "fmnist_local"), ("fmnist_allconv", "fmnist_allconv_local")],
+    [
+        ("fmnist_cnn", "fmnist_cnn_local"),
+        ("fmnist_allconv", "fmnist_allconv_local"),
+        ("fmnist_resnet", "fmnist_local"),
+    ],
 )
 def test_the_auglocal_configs_are_their_backprop_twins_trained_by_auglocal(backprop, auglocal):
     # docs/benchmarks.md compares the two runs: only the method and its aux nets may differ
