@@ -17,19 +17,13 @@ import argparse
 from pathlib import Path
 
 import torch
+from time_side_by_side import train_steps
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from neuroplex.config import load_config
 from neuroplex.train.loop import epoch_batches
-from neuroplex.train.optim import lr_at
-from neuroplex.train.setup import Setup, build_setup
-
-
-def train_steps(s: Setup, batches: list, first: int, count: int) -> None:
-    for step in range(first, first + count):
-        x, y = s.data.train_batch(batches[step], (s.cfg.seed, 0, step))
-        s.method.step(x, y, lr_at(step, s.total_steps, s.cfg.train))
+from neuroplex.train.setup import build_setup
 
 
 def conv_weight_shapes(stage: nn.Module) -> set[tuple[int, ...]]:

@@ -20,7 +20,15 @@ import torch
 from neuroplex.config import load_config
 from neuroplex.train.loop import epoch_batches
 from neuroplex.train.optim import lr_at
-from neuroplex.train.setup import build_setup
+from neuroplex.train.setup import Setup, build_setup
+
+
+def train_steps(s: Setup, batches: list, first: int, count: int) -> None:
+    """Steps ``first .. first + count - 1`` of epoch 0 (``batches``: its index batches), each
+    with its augmentation draw and scheduled learning rate, as the training loop runs them."""
+    for step in range(first, first + count):
+        x, y = s.data.train_batch(batches[step], (s.cfg.seed, 0, step))
+        s.method.step(x, y, lr_at(step, s.total_steps, s.cfg.train))
 
 
 def main() -> None:
@@ -36,9 +44,7 @@ def main() -> None:
     for chunk in range(args.steps // args.chunk + 1):
         for i, s in enumerate(setups):
             start = time.process_time()
-            for step in range(chunk * args.chunk, (chunk + 1) * args.chunk):
-                x, y = s.data.train_batch(batches[i][step], (s.cfg.seed, 0, step))
-                s.method.step(x, y, lr_at(step, s.total_steps, s.cfg.train))
+            train_steps(s, batches[i], chunk * args.chunk, args.chunk)
             if chunk:  # the first chunk warms up
                 spent[i] += time.process_time() - start
     per_step = [t / args.steps for t in spent]
