@@ -11,6 +11,7 @@ from torch import nn
 from neuroplex.layers.moe import DISPATCHES, MoE, cv_squared
 from neuroplex.layers.output import StageOutput
 from neuroplex.layers.routers import NoisyTopKRouter, RouterOutput
+from neuroplex.train.memory import ActivationMeter
 from neuroplex.wiring import modular
 
 F64 = torch.float64
@@ -330,6 +331,65 @@ def test_teacher_regions_are_recovered_by_top1_routing():
         torch.set_num_threads(threads)
 
 
+# ---------------------------------------------------------------- the fused expert kernel
+
+
+def test_auto_fuses_each_expert_once_every_hidden_row_together_is_large(monkeypatch):
+    moe = MoE(8, 8, 4, 2, 16)
+    x = torch.randn(30, 8)
+    hidden_bytes = 30 * 2 * 16 * 4  # [tokens * k, h] float32
+    monkeypatch.setattr("neuroplex.layers.moe.FUSED_MIN_HIDDEN_BYTES", hidden_bytes)
+    assert moe._pick_dispatch(x, None) == "fused"
+    assert moe._pick_dispatch(x.double(), None) == "fused"  # twice the bytes
+    monkeypatch.setattr("neuroplex.layers.moe.FUSED_MIN_HIDDEN_BYTES", hidden_bytes + 1)
+    assert moe._pick_dispatch(x, None) == "loop"
+
+
+def _loop_and_fused(act_layer=nn.GELU):
+    torch.manual_seed(0)
+    loop = MoE(8, 8, 4, 2, 16, router="softmax_topk", act_layer=act_layer, dispatch="loop")
+    fused = MoE(8, 8, 4, 2, 16, router="softmax_topk", act_layer=act_layer, dispatch="fused")
+    fused.load_state_dict(loop.state_dict())
+    with torch.no_grad():
+        loop.router.w_gate.normal_()
+        fused.router.w_gate.copy_(loop.router.w_gate)
+    return loop, fused
+
+
+def test_fused_saves_what_the_loop_saves_and_accumulates_two_calls():
+    loop, fused = _loop_and_fused()
+    x = torch.randn(40, 8, requires_grad=True)
+    grads, peaks = [], []
+    for moe in (loop, fused):
+        meter = ActivationMeter(moe.parameters())
+        with meter.track():  # two calls, one backward: a gradient-accumulating user
+            loss = moe(x).square().sum() + moe(x[:17]).sum()
+        peaks.append(meter.peak)
+        loss.backward()
+        grads.append([x.grad.clone(), *(p.grad for p in (moe.w1, moe.b1, moe.w2, moe.b2))])
+        x.grad = moe.aux_loss = None  # the last aux loss holds the router's graph
+        assert meter.current == 0  # every saved piece freed with the graph
+    assert peaks[0] == peaks[1] > 0
+    for g, w in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g, w)
+
+
+class _Step(nn.Module):
+    """An activation with no gradient."""
+
+    def forward(self, x):
+        return (x > 0).to(x.dtype)
+
+
+def test_fused_gives_an_activation_without_gradient_zero_first_layer_gradients():
+    loop, fused = _loop_and_fused(_Step)
+    x = torch.randn(20, 8)
+    for moe in (loop, fused):
+        moe(x).square().sum().backward()
+    assert fused.w1.grad.abs().sum() == 0 and fused.w2.grad.abs().sum() > 0
+    torch.testing.assert_close(fused.w2.grad, loop.w2.grad)
+
+
 # ---------------------------------------------------------------- plumbing
 
 
@@ -424,7 +484,7 @@ def test_extra_repr_names_the_parts():
         ({"balance": "gini"}, "balance must be one of cv2, switch, got 'gini'"),
         ({"drop": "skip"}, "drop must be one of residual, zero, got 'skip'"),
         ({"d_out": 3, "drop": "residual"}, "needs d_in == d_out, got 4 and 3"),
-        ({"dispatch": "einsum"}, "dispatch must be one of auto, loop, grouped, bmm, got 'einsum'"),
+        ({"dispatch": "einsum"}, "dispatch must be one of auto, loop, fused, grouped, bmm, got 'e"),
         ({"expert_dropout": 1.0}, r"expert_dropout must be in \[0, 1\), got 1.0"),
     ],
 )

@@ -257,7 +257,7 @@ def test_graph_breaks_none_with_a_capacity_one_without(cap, breaks):
     assert torch._dynamo.explain(moe)(x).graph_break_count == breaks
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "bmm"])
+@pytest.mark.parametrize("dispatch", ["loop", "fused", "bmm"])
 def test_dropless_compiles_around_its_one_break_and_matches_eager(dispatch):
     moe, x = _compile_pair(None, dispatch)
     torch._dynamo.reset()

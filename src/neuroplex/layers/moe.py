@@ -37,7 +37,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from neuroplex.layers.moe_kernels import DISPATCH_KERNELS, Experts, add_overflow, combine
+from neuroplex.layers.moe_kernels import (
+    DISPATCH_KERNELS,
+    EAGER_DISPATCHES,
+    Experts,
+    add_overflow,
+    combine,
+    mix_eagerly,
+)
 from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes, count_per_expert
 from neuroplex.wiring import Wiring
 
@@ -46,7 +53,8 @@ DROPS = ("residual", "zero")
 # Default "auto": "bmm" where the graph must have static shapes (compiling or exporting with a
 # capacity, meta tensors, export without one) and compiled dropless from 512 rows per expert
 # (below), "grouped" for bfloat16/float16 on CUDA (the fused kernel F.grouped_mm targets; not
-# measured here: no GPU), else "loop".
+# measured here: no GPU), "fused" on CPU where the hidden rows of every expert together
+# ([tokens * k, h]) would take FUSED_MIN_HIDDEN_BYTES or more (below), else "loop".
 # Measured fwd+bwd, training, noisy_topk, no capacity, d 256, h 1024, 2 threads,
 # models interleaved in one process; speed vs the equal-active dense FFN d -> k*h -> d (> 1 is
 # faster). Process CPU time with OMP_WAIT_POLICY=PASSIVE, because other jobs kept both cores
@@ -63,7 +71,7 @@ DROPS = ("residual", "zero")
 # fp32 e 4: 278 / 311 / 268; e 8: 281 / 317 / 257; e 32: 366 / 394 / 259; bf16 e 8: 106 / 110 /
 # 89; fp32 e 8 at 2048 rows: 80 / 79 / 58. Grouped never beat the loop by more than noise on
 # CPU (its CPU kernel takes no bias, and per group it runs the same matmuls), so CPU keeps loop.
-DISPATCHES = ("auto", "loop", "grouped", "bmm")
+DISPATCHES = ("auto", "loop", "fused", "grouped", "bmm")
 # Compiled and dropless, the slab (ceil(a / e) rows per expert, compiled; the overflow eager)
 # against the loop (eager, the graph broken around it), speed vs the compiled dense FFN, same
 # setting as above (noisy_topk, e 8, k 2, 2 threads), idle machine, 2 Dec 2026, two runs of
@@ -72,6 +80,18 @@ DISPATCHES = ("auto", "loop", "grouped", "bmm")
 # padded to the largest count lost to the loop at both sizes (0.77-0.79 vs 0.82-0.85 at 1024
 # tokens, 0.87 vs 0.94 at 4096), so eager CPU keeps the loop.
 DROPLESS_SLAB_MIN_ROWS = 512
+# "fused" (each expert's whole MLP in turn) against "loop" (each layer for every expert in
+# turn): speed vs the dense FFN, fwd+bwd, noisy_topk, d 256, h 1024, 2 threads, process CPU
+# time, medians of 9 interleaved rounds, idle 2-core Intel Xeon, 7 Dec 2026:
+#   E  k  tokens  [tokens*k, h] fp32   loop  fused |  E   k  tokens  [tokens*k, h]  loop  fused
+#   8  2  1024     8 MiB               0.73  0.72  |  4   2  4096    32 MiB         0.88  1.02
+#   8  2  2048    16 MiB               0.79  0.74  |  8   2  4096    32 MiB         0.83  0.97
+#   8  1  4096    16 MiB               0.71  0.68  |  32  2  4096    32 MiB         0.66  0.75
+#                                                  |  8   2  16384  128 MiB         0.88  1.03
+# From 32 MiB (glibc's largest mmap threshold: every such tensor is a fresh mapping whose
+# pages fault on first write) the per-expert pieces win by 12-17%; below it the loop's
+# fewer, larger activation calls win. bfloat16 (4-16 MiB) was no faster fused (0.32-0.37).
+FUSED_MIN_HIDDEN_BYTES = 32 * 2**20
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -418,14 +438,19 @@ class MoE(Routed):
         xs = tokens.to(_compute_dtype(tokens))  # [b, d_in] in the experts' dtype
         plan = self._sort(xs, route)
         dispatch, experts = self._pick_dispatch(xs, plan.cap), self._experts(xs.dtype)
-        y, y_gate, y_token = DISPATCH_KERNELS[dispatch](xs, *plan, experts)
-        # the dropless graph break (the loop, or bmm's overflow) is called from forward itself:
-        # a break inside a helper would split every frame above it too. Only a compiled slab
-        # (c = ceil(a / e)) can overflow: eager, it holds the largest count
-        slab_of_mean = y.shape[0] < xs.shape[0] * self.n_experts and torch.compiler.is_compiling()
-        if dispatch == "bmm" and plan.cap is None and slab_of_mean:
-            y, y_gate, y_token = add_overflow(xs, *plan, experts, (y, y_gate, y_token))
-        out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
+        # the dropless graph break (an eager kernel, or bmm's overflow) is called from forward
+        # itself: a break inside a helper would split every frame above it too
+        if dispatch in EAGER_DISPATCHES:
+            out = mix_eagerly(dispatch, xs, plan, experts)  # [b, d_out]
+        else:
+            y, y_gate, y_token = DISPATCH_KERNELS[dispatch](xs, *plan, experts)
+            # only a compiled slab (c = ceil(a / e)) can overflow; eager, it has the largest count
+            slab_of_mean = (
+                y.shape[0] < xs.shape[0] * self.n_experts and torch.compiler.is_compiling()
+            )
+            if dispatch == "bmm" and plan.cap is None and slab_of_mean:
+                y, y_gate, y_token = add_overflow(xs, *plan, experts, (y, y_gate, y_token))
+            out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
         out, n_drop, all_dropped = self._drops(xs, out, plan)
         aux, stats = self._losses(route, plan, n_drop, all_dropped)
         self._store(aux, stats)
@@ -449,6 +474,9 @@ class MoE(Routed):
         static = torch.compiler.is_compiling() and cap is not None
         if static or x.device.type == "meta" or torch.compiler.is_exporting():
             return "bmm"
+        hidden_bytes = x.shape[0] * self.k * self.expert_hidden * x.element_size()
+        if x.device.type == "cpu" and hidden_bytes >= FUSED_MIN_HIDDEN_BYTES:
+            return "fused"  # compiled dropless too: eager behind the break the loop would have
         if torch.compiler.is_compiling():  # dropless: the slab from DROPLESS_SLAB_MIN_ROWS on
             rows = x.shape[0] * self.k / self.n_experts
             return "bmm" if rows >= DROPLESS_SLAB_MIN_ROWS else "loop"

@@ -9,6 +9,8 @@ Every dispatch takes the assignments sorted by expert (``expert``, ``gate``, ``t
 assignments ``[a', d_out]`` with their gates and tokens. Paths:
 
 - ``loop``: one matmul per expert on its contiguous slice (slice sizes are host ints: a sync);
+- ``fused``: the same slices, but each expert's whole MLP (both layers and the activation) in
+  turn, so no hidden tensor spans every expert's rows (:class:`_ExpertMLP`);
 - ``grouped``: the same slices as one ``torch.nn.functional.grouped_mm`` per layer with an
   offsets tensor (no host sync when nothing is dropped);
 - ``bmm``: a slab of ``c`` rows per expert gathered into ``[e, c, d_in]``, two batched matmuls;
@@ -38,11 +40,9 @@ def keep_within_capacity(
     return expert[keep], gate[keep], token[keep], counts.clamp(max=cap)
 
 
-@torch.compiler.disable
 def dispatch_loop(x, expert, gate, token, rank, counts, cap, experts: Experts) -> Routed:
     """One matmul per expert and layer (``counts.tolist()`` syncs with the host: the slice sizes
-    must be Python ints). Under ``torch.compile`` this function runs eagerly: the one graph
-    break of the dropless path."""
+    must be Python ints; run through :func:`mix_eagerly`)."""
     _, gate, token, counts = keep_within_capacity(expert, gate, token, rank, counts, cap)
     return _loop_rows(x, token, counts.tolist(), experts), gate, token
 
@@ -53,6 +53,16 @@ def _loop_rows(x: Tensor, token: Tensor, sizes: list[int], experts: Experts) -> 
     w1, b1, w2, b2, act = experts
     hidden = act(_GroupedLinear.apply(x.index_select(0, token), w1, b1, sizes))  # [a', h]
     return _GroupedLinear.apply(hidden, w2, b2, sizes)
+
+
+def dispatch_fused(x, expert, gate, token, rank, counts, cap, experts: Experts) -> Routed:
+    """Each expert's MLP in turn on its slice (``counts.tolist()``: a host sync, as in the
+    loop; run through :func:`mix_eagerly`)."""
+    _, gate, token, counts = keep_within_capacity(expert, gate, token, rank, counts, cap)
+    rows = x.index_select(0, token)  # [a', d_in]
+    w1, b1, w2, b2, act = experts
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w1, b1, w2, b2))
+    return _ExpertMLP.apply(rows, w1, b1, w2, b2, act, counts.tolist(), graph), gate, token
 
 
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -136,7 +146,26 @@ def _slab(x, gate, token, counts, c: int, experts: Experts) -> Routed:
     return y, slab_gate, slab_token
 
 
-DISPATCH_KERNELS = {"loop": dispatch_loop, "grouped": dispatch_grouped, "bmm": dispatch_bmm}
+DISPATCH_KERNELS = {
+    "loop": dispatch_loop,
+    "fused": dispatch_fused,
+    "grouped": dispatch_grouped,
+    "bmm": dispatch_bmm,
+}
+
+
+EAGER_DISPATCHES = ("loop", "fused")  # their slice sizes are host ints: never traced
+
+
+@torch.compiler.disable
+def mix_eagerly(dispatch: str, x: Tensor, plan: tuple, experts: Experts) -> Tensor:
+    """An eager kernel (``EAGER_DISPATCHES``) and the combine: ``[b, d_out]``. Eager even under
+    ``torch.compile``, where this is the one graph break of the dropless path; the combine
+    behind the same break runs as :class:`_GatedCombine` rather than as traced ops (compiled
+    MoE at 4096 tokens, e 8, k 2, fused: 0.97x -> 1.02x the compiled dense FFN, 11 interleaved
+    rounds, Intel Xeon, 7 Dec 2026)."""
+    y, gate, token = DISPATCH_KERNELS[dispatch](x, *plan, experts)
+    return combine(y, gate.to(y.dtype), token, x.shape[0])
 
 
 def combine(y: Tensor, gate: Tensor, token: Tensor, b: int) -> Tensor:
@@ -221,3 +250,74 @@ class _GatedCombine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_gate = torch.bmm(grad_rows.unsqueeze(1), y.unsqueeze(2)).view(-1)  # [a]
         return grad_rows.mul_(gate[:, None]), grad_gate, None, None
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """``x [a, d_in]`` in consecutive groups of ``sizes[j]`` rows, group ``j`` through expert
+    ``j``'s ``act(x @ w1[j] + b1[j]) @ w2[j] + b2[j]``: ``[a, d_out]``.
+
+    One expert at a time, so each hidden tensor is one expert's ``[rows, h]``, never the
+    ``[a, h]`` of every expert at once. On CPU that is the point: a tensor of 32 MiB or more is
+    a fresh ``mmap`` on every call (glibc's largest threshold), whose every page faults when it
+    is first written, while per-expert pieces are reused from the heap; and the activation
+    reads its input while the matmul has just left it in cache. The activation is any module
+    (dropout included): it runs under autograd on each piece (``graph``: grad is needed) and
+    its gradient is taken by ``torch.autograd.grad`` in backward. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, act: nn.Module, sizes: list[int], graph: bool) -> Tensor:
+        out = x.new_empty(x.shape[0], w2.shape[2])
+        pre, hidden = [], []  # per non-empty expert: [n_j, h] before and after the activation
+        for j, rows in _groups(sizes):
+            p = torch.addmm(b1[j], x[rows], w1[j]).requires_grad_(graph)
+            with torch.set_grad_enabled(graph):
+                a = act(p)
+            torch.addmm(b2[j], a.detach(), w2[j], out=out[rows])
+            pre.append(p)
+            hidden.append(a)
+        # the hidden pieces through save_for_backward (so saved-tensor hooks see them); their
+        # activations' graphs, which hold the pre-activations, on ctx
+        ctx.save_for_backward(x, w1, w2, *(a.detach() for a in hidden))
+        ctx.pre, ctx.hidden, ctx.sizes = pre, hidden, sizes
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, w1, w2, *hidden = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+        grad_b1, grad_b2 = _zero_bias(w1), _zero_bias(w2)  # zeros: an expert with no rows stays 0
+        for j in (j for j, n in enumerate(ctx.sizes) if n == 0):
+            grad_w1[j].zero_()
+            grad_w2[j].zero_()
+        for i, (j, rows) in enumerate(_groups(ctx.sizes)):
+            g = grad[rows]  # [n_j, d_out]
+            torch.mm(hidden[i].t(), g, out=grad_w2[j])
+            torch.sum(g, dim=0, out=grad_b2[j])
+            grad_a = torch.mm(g, w2[j].t())  # [n_j, h]
+            a, p = ctx.hidden[i], ctx.pre[i]
+            grad_p = torch.autograd.grad(a, p, grad_a)[0] if a.requires_grad else grad_a.zero_()
+            torch.mm(x[rows].t(), grad_p, out=grad_w1[j])
+            torch.sum(grad_p, dim=0, out=grad_b1[j])
+            if need_x:
+                torch.mm(grad_p, w1[j].t(), out=grad_x[rows])
+        ctx.pre = ctx.hidden = None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+
+
+def _zero_bias(w: Tensor) -> Tensor:
+    """Zeros shaped like the bias of ``w [e, i, o]``: ``[e, o]``."""
+    return w.new_zeros(w.shape[0], w.shape[2])
+
+
+def _groups(sizes: list[int]):
+    """``(j, rows)`` for each expert ``j`` with rows, ``rows`` its slice of consecutive groups
+    of ``sizes[j]``."""
+    start = 0
+    for j, n in enumerate(sizes):
+        if n:
+            yield j, slice(start, start + n)
+        start += n
