@@ -9,6 +9,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from neuroplex.layers.moe import DISPATCHES, MoE, cv_squared
+from neuroplex.layers.moe_kernels import PAD_ROWS, pad_slices
 from neuroplex.layers.output import StageOutput
 from neuroplex.layers.routers import NoisyTopKRouter, RouterOutput
 from neuroplex.train.memory import ActivationMeter
@@ -372,6 +373,20 @@ def test_fused_saves_what_the_loop_saves_and_accumulates_two_calls():
     assert peaks[0] == peaks[1] > 0
     for g, w in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_reduced_precision_cpu_slices_are_padded_to_repeat_matmul_shapes():
+    counts = torch.tensor([3, 0, 33])
+    gate, token = torch.rand(36), torch.randperm(36)
+    x = torch.randn(40, 4, dtype=torch.bfloat16)
+    g, t, padded = pad_slices(x, gate, token, counts)
+    assert padded.tolist() == [PAD_ROWS, 0, 2 * PAD_ROWS] and len(g) == len(t) == 3 * PAD_ROWS
+    real = torch.cat([torch.arange(3), PAD_ROWS + torch.arange(33)])
+    assert torch.equal(g[real], gate) and torch.equal(t[real], token)
+    pads = torch.ones(3 * PAD_ROWS, dtype=torch.bool)
+    pads[real] = False
+    assert (g[pads] == 0).all() and (t[pads] == 0).all()
+    assert pad_slices(x.float(), gate, token, counts)[2] is counts  # float32: unchanged
 
 
 class _Step(nn.Module):

@@ -173,8 +173,9 @@ TOL = {torch.bfloat16: 4e-2, torch.float16: 4e-3, F64: 1e-6}
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, F64])
 @pytest.mark.parametrize("cap", [None, 1.0])
-def test_plain_dtypes_match_float32(dtype, cap):
-    ref, low = _pair(dtype, capacity_factor=cap, eval_capacity_factor=cap)
+@pytest.mark.parametrize("dispatch", ["loop", "fused"])  # CPU bf16/fp16: padded slices
+def test_plain_dtypes_match_float32(dtype, cap, dispatch):
+    ref, low = _pair(dtype, capacity_factor=cap, eval_capacity_factor=cap, dispatch=dispatch)
     x = _separated_tokens(ref)
     xl = x.detach().to(dtype).requires_grad_()
     with torch.no_grad():

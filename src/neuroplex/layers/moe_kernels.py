@@ -40,10 +40,34 @@ def keep_within_capacity(
     return expert[keep], gate[keep], token[keep], counts.clamp(max=cap)
 
 
+# CPU bfloat16/float16 matmuls run through oneDNN, which builds a kernel for every new shape
+# (~3 ms each, measured on 2 threads); the number of rows each expert gets changes from call
+# to call, so each eager expert slice is padded to a multiple of this many rows (zero gates)
+# to keep the shapes few and cached.
+PAD_ROWS = 32
+PADDED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def pad_slices(x: Tensor, gate: Tensor, token: Tensor, counts: Tensor) -> tuple[Tensor, ...]:
+    """Each expert's slice of the sorted ``gate, token [a]`` padded to a multiple of
+    ``PAD_ROWS`` rows (token 0, gate 0) where ``x`` is CPU bfloat16/float16, with the padded
+    ``counts [e]``; the inputs unchanged elsewhere. The padded rows add nothing to the output
+    and, with gate 0, send no gradient to the weights (``repeat_interleave``: a host sync)."""
+    if x.device.type != "cpu" or x.dtype not in PADDED_DTYPES:
+        return gate, token, counts
+    padded = (counts + PAD_ROWS - 1) // PAD_ROWS * PAD_ROWS  # [e]
+    row_expert = torch.repeat_interleave(padded)  # [a_pad] expert of each padded row
+    i = torch.arange(row_expert.shape[0], device=x.device) - (padded.cumsum(0) - padded)[row_expert]
+    filled = i < counts[row_expert]
+    src = ((counts.cumsum(0) - counts)[row_expert] + i).clamp(max=max(gate.shape[0] - 1, 0))
+    return torch.where(filled, gate[src], 0), torch.where(filled, token[src], 0), padded
+
+
 def dispatch_loop(x, expert, gate, token, rank, counts, cap, experts: Experts) -> Routed:
     """One matmul per expert and layer (``counts.tolist()`` syncs with the host: the slice sizes
     must be Python ints; run through :func:`mix_eagerly`)."""
     _, gate, token, counts = keep_within_capacity(expert, gate, token, rank, counts, cap)
+    gate, token, counts = pad_slices(x, gate, token, counts)
     return _loop_rows(x, token, counts.tolist(), experts), gate, token
 
 
@@ -59,6 +83,7 @@ def dispatch_fused(x, expert, gate, token, rank, counts, cap, experts: Experts) 
     """Each expert's MLP in turn on its slice (``counts.tolist()``: a host sync, as in the
     loop; run through :func:`mix_eagerly`)."""
     _, gate, token, counts = keep_within_capacity(expert, gate, token, rank, counts, cap)
+    gate, token, counts = pad_slices(x, gate, token, counts)
     rows = x.index_select(0, token)  # [a', d_in]
     w1, b1, w2, b2, act = experts
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w1, b1, w2, b2))
