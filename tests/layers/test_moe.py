@@ -335,15 +335,27 @@ def test_teacher_regions_are_recovered_by_top1_routing():
 # ---------------------------------------------------------------- the fused expert kernel
 
 
-def test_auto_fuses_each_expert_once_every_hidden_row_together_is_large(monkeypatch):
+def _plan_of(moe: MoE, x: torch.Tensor, indices: torch.Tensor):
+    """The expert-sorted plan of ``x`` for preset choices ``indices [b, k]``."""
+    b, k = indices.shape
+    gates = torch.full((b, k), 1.0 / k)
+    logits = torch.zeros(b, moe.n_experts)
+    return moe._sort(x, FixedRouter(moe.n_experts, indices, gates, logits)(x))
+
+
+def test_auto_picks_fused_from_large_hidden_rows_then_bmm_while_its_slab_is_tight(monkeypatch):
     moe = MoE(8, 8, 4, 2, 16)
-    x = torch.randn(30, 8)
-    hidden_bytes = 30 * 2 * 16 * 4  # [tokens * k, h] float32
+    x = torch.randn(32, 8)
+    even = _plan_of(moe, x, torch.arange(64).remainder(4).view(32, 2))  # 16 rows per expert
+    hidden_bytes = 32 * 2 * 16 * 4  # [tokens * k, h] float32
     monkeypatch.setattr("neuroplex.layers.moe.FUSED_MIN_HIDDEN_BYTES", hidden_bytes)
-    assert moe._pick_dispatch(x, None) == "fused"
-    assert moe._pick_dispatch(x.double(), None) == "fused"  # twice the bytes
+    assert moe._pick_dispatch(x, even) == "fused"
+    assert moe._pick_dispatch(x.double(), even) == "fused"  # twice the bytes
     monkeypatch.setattr("neuroplex.layers.moe.FUSED_MIN_HIDDEN_BYTES", hidden_bytes + 1)
-    assert moe._pick_dispatch(x, None) == "loop"
+    assert moe._pick_dispatch(x, even) == "bmm"  # a slab of 4 x 16 rows: no padding
+    skewed = torch.stack([torch.zeros(32, dtype=torch.long), torch.arange(32) % 3 + 1], 1)
+    assert moe._pick_dispatch(x, _plan_of(moe, x, skewed)) == "loop"  # 4 x 32 rows for 64
+    assert moe._pick_dispatch(x.bfloat16(), even) == "loop"  # reduced precision: the loop
 
 
 def _loop_and_fused(act_layer=nn.GELU):

@@ -41,9 +41,9 @@ from neuroplex.layers.moe_kernels import (
     DISPATCH_KERNELS,
     EAGER_DISPATCHES,
     Experts,
-    add_overflow,
     combine,
     mix_eagerly,
+    slab_rows,
 )
 from neuroplex.layers.routers import ROUTERS, RouterOutput, check_sizes, count_per_expert
 from neuroplex.wiring import Wiring
@@ -51,47 +51,39 @@ from neuroplex.wiring import Wiring
 BALANCES = ("cv2", "switch")
 DROPS = ("residual", "zero")
 # Default "auto": "bmm" where the graph must have static shapes (compiling or exporting with a
-# capacity, meta tensors, export without one) and compiled dropless from 512 rows per expert
-# (below), "grouped" for bfloat16/float16 on CUDA (the fused kernel F.grouped_mm targets; not
-# measured here: no GPU), "fused" on CPU where the hidden rows of every expert together
-# ([tokens * k, h]) would take FUSED_MIN_HIDDEN_BYTES or more (below), else "loop".
-# Measured fwd+bwd, training, noisy_topk, no capacity, d 256, h 1024, 2 threads,
-# models interleaved in one process; speed vs the equal-active dense FFN d -> k*h -> d (> 1 is
-# faster). Process CPU time with OMP_WAIT_POLICY=PASSIVE, because other jobs kept both cores
-# busy (load 5-7) and wall-clock ratios swung by +-20%; medians of 16 rounds:
-#   E  k  tokens   loop  bmm  |  E  k  tokens   loop  bmm  |  E   k  tokens   loop  bmm
-#   4  1  1024     0.84  0.83 |  8  1  1024     0.80  0.76 |  32  1  1024     0.42  0.40
-#   4  1  4096     0.91  0.88 |  8  1  4096     0.92  0.83 |  32  1  4096     0.56  0.63
-#   4  2  1024     0.91  0.91 |  8  2  1024     0.88  0.86 |  32  2  1024     0.64  0.59
-#   4  2  4096     0.95  0.96 |  8  2  4096     0.93  0.93 |  32  2  4096     0.81  0.82
-# Loop was at least as fast as bmm in 11 of 12 rows (bmm pads every expert to the largest
-# count). At 32 experts both pay for 32/k times the dense FFN's weights and weight gradients.
-# F.grouped_mm (torch 2.13, CPU) on the two expert layers alone, 8192 expert-sorted rows, same
-# conditions, medians of 9 interleaved rounds, ms (loop / grouped / dense FFN at equal FLOPs):
-# fp32 e 4: 278 / 311 / 268; e 8: 281 / 317 / 257; e 32: 366 / 394 / 259; bf16 e 8: 106 / 110 /
-# 89; fp32 e 8 at 2048 rows: 80 / 79 / 58. Grouped never beat the loop by more than noise on
-# CPU (its CPU kernel takes no bias, and per group it runs the same matmuls), so CPU keeps loop.
+# capacity, meta tensors, export without one); on CPU "fused" where the hidden rows of every
+# expert together ([tokens * k, h]) take FUSED_MIN_HIDDEN_BYTES or more; "grouped" for
+# bfloat16/float16 on CUDA (the kernel F.grouped_mm targets; not measured: no GPU); float32 on
+# CPU "bmm" where its slab (every expert padded to the largest count) holds at most
+# SLAB_MAX_PADDING times the assignments; else "loop". Compiled without a capacity the choice
+# is made behind the graph break (moe_kernels.mix_eagerly), where the counts can be read.
+# Eager, fwd+bwd, training, noisy_topk, no capacity, d 256, h 1024, 2 threads, process CPU
+# time (OMP_WAIT_POLICY=PASSIVE), medians of 9 interleaved rounds, idle 2-core Intel Xeon,
+# 7 Dec 2026; speed vs the equal-active dense FFN d -> k*h -> d (> 1 is faster):
+#   E  k  tokens  loop fused bmm |  E  k  tokens  loop fused bmm |  E  k  tokens  loop fused bmm
+#   4  1  1024    0.67 0.65 0.76 |  8  1  1024    0.63 0.57 0.68 | 32  1  1024    0.29 0.25 0.31
+#   4  1  2048    0.80 0.91 0.85 |  8  1  2048    0.66 0.64 0.75 | 32  1  2048    0.40 0.36 0.43
+#   4  1  4096    1.04 1.02 0.88 |  8  1  4096    0.76 0.73 0.72 | 32  1  4096    0.56 0.48 0.51
+#   4  2  1024    0.76 0.75 0.82 |  8  2  1024    0.70 0.66 0.77 | 32  2  1024    0.40 0.36 0.44
+#   4  2  2048    0.87 1.03 0.90 |  8  2  2048    0.77 0.74 0.82 | 32  2  2048    0.52 0.48 0.53
+#   4  2  4096    0.91 1.09 0.90 |  8  2  4096    0.86 1.04 0.87 | 32  2  4096    0.67 0.74 0.69
+# Rows move by up to 0.1 between runs. At k 2, 4096 tokens ([tokens * k, h] = 32 MiB) fused
+# wins by 10-20%: glibc maps every tensor of 32 MiB or more afresh (its largest mmap
+# threshold), and the pages fault on first write, while per-expert pieces are reused from the
+# heap; with every allocation from the heap (MALLOC_MMAP_MAX_=0) fused, loop and bmm tie at
+# e 8 (0.85) and the dense FFN gains as much. Below 32 MiB fused won only at e 4 (not again in
+# other runs: 0.68-0.74 at 16 MiB, e 8), and bmm beat the loop in 14 of 15 rows (again in all
+# six e 8 rows of a second run, 15 rounds). On the AMD EPYC of 2 Dec the loop won 11 of 12 of
+# these rows against bmm. bfloat16 (padded slices, moe_kernels.PAD_ROWS), e 8 k 2 at 1024 and
+# 4096 tokens, e 32 k 2 at 4096: loop 0.45 / 0.58 / 0.43, fused 0.43 / 0.58 / 0.39, bmm
+# 0.32 / 0.47 / 0.36, so reduced precision keeps the loop. F.grouped_mm on CPU (torch 2.13)
+# was no faster than the loop (its CPU kernel takes no bias and runs the same matmuls per
+# group: 8192 sorted rows, fp32 e 8, two layers 317 vs 281 ms).
 DISPATCHES = ("auto", "loop", "fused", "grouped", "bmm")
-# Compiled and dropless, the slab (ceil(a / e) rows per expert, compiled; the overflow eager)
-# against the loop (eager, the graph broken around it), speed vs the compiled dense FFN, same
-# setting as above (noisy_topk, e 8, k 2, 2 threads), idle machine, 2 Dec 2026, two runs of
-# 21 and 31 interleaved rounds: 4096 tokens (1024 rows per expert) slab 0.89 / 0.90, loop
-# 0.87 / 0.85; 1024 tokens (256 rows) slab 0.78 / 0.68, loop 0.84 / 0.74. Eager, the slab
-# padded to the largest count lost to the loop at both sizes (0.77-0.79 vs 0.82-0.85 at 1024
-# tokens, 0.87 vs 0.94 at 4096), so eager CPU keeps the loop.
-DROPLESS_SLAB_MIN_ROWS = 512
-# "fused" (each expert's whole MLP in turn) against "loop" (each layer for every expert in
-# turn): speed vs the dense FFN, fwd+bwd, noisy_topk, d 256, h 1024, 2 threads, process CPU
-# time, medians of 9 interleaved rounds, idle 2-core Intel Xeon, 7 Dec 2026:
-#   E  k  tokens  [tokens*k, h] fp32   loop  fused |  E   k  tokens  [tokens*k, h]  loop  fused
-#   8  2  1024     8 MiB               0.73  0.72  |  4   2  4096    32 MiB         0.88  1.02
-#   8  2  2048    16 MiB               0.79  0.74  |  8   2  4096    32 MiB         0.83  0.97
-#   8  1  4096    16 MiB               0.71  0.68  |  32  2  4096    32 MiB         0.66  0.75
-#                                                  |  8   2  16384  128 MiB         0.88  1.03
-# From 32 MiB (glibc's largest mmap threshold: every such tensor is a fresh mapping whose
-# pages fault on first write) the per-expert pieces win by 12-17%; below it the loop's
-# fewer, larger activation calls win. bfloat16 (4-16 MiB) was no faster fused (0.32-0.37).
 FUSED_MIN_HIDDEN_BYTES = 32 * 2**20
+# The router above is balanced (max count ~1.15x the mean); a skewed one pads the slab up to
+# e / k times the assignments, so bmm is taken only while it pads at most this much.
+SLAB_MAX_PADDING = 1.5
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -437,19 +429,13 @@ class MoE(Routed):
         route = self._route(tokens)
         xs = tokens.to(_compute_dtype(tokens))  # [b, d_in] in the experts' dtype
         plan = self._sort(xs, route)
-        dispatch, experts = self._pick_dispatch(xs, plan.cap), self._experts(xs.dtype)
-        # the dropless graph break (an eager kernel, or bmm's overflow) is called from forward
-        # itself: a break inside a helper would split every frame above it too
+        dispatch, experts = self._pick_dispatch(xs, plan), self._experts(xs.dtype)
+        # the graph break of an eager kernel is called from forward itself: a break inside a
+        # helper would split every frame above it too
         if dispatch in EAGER_DISPATCHES:
-            out = mix_eagerly(dispatch, xs, plan, experts)  # [b, d_out]
+            out = mix_eagerly(self._pick_dispatch, xs, plan, experts)  # [b, d_out]
         else:
             y, y_gate, y_token = DISPATCH_KERNELS[dispatch](xs, *plan, experts)
-            # only a compiled slab (c = ceil(a / e)) can overflow; eager, it has the largest count
-            slab_of_mean = (
-                y.shape[0] < xs.shape[0] * self.n_experts and torch.compiler.is_compiling()
-            )
-            if dispatch == "bmm" and plan.cap is None and slab_of_mean:
-                y, y_gate, y_token = add_overflow(xs, *plan, experts, (y, y_gate, y_token))
             out = combine(y, y_gate.to(y.dtype), y_token, xs.shape[0])  # [b, d_out]
         out, n_drop, all_dropped = self._drops(xs, out, plan)
         aux, stats = self._losses(route, plan, n_drop, all_dropped)
@@ -468,20 +454,25 @@ class MoE(Routed):
             raise ValueError(f"MoE expects input [*, {self.d_in}], got {list(x.shape)}.")
         return x.reshape(-1, self.d_in)  # [b, d_in]
 
-    def _pick_dispatch(self, x: Tensor, cap: int | None) -> str:
+    def _pick_dispatch(self, x: Tensor, plan: Plan) -> str:
+        """The expert kernel of ``auto`` (the rule and its measurements: above ``DISPATCHES``)."""
         if self.dispatch != "auto":
             return self.dispatch
-        static = torch.compiler.is_compiling() and cap is not None
+        compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
+        static = compiling and plan.cap is not None
         if static or x.device.type == "meta" or torch.compiler.is_exporting():
             return "bmm"
         hidden_bytes = x.shape[0] * self.k * self.expert_hidden * x.element_size()
-        if x.device.type == "cpu" and hidden_bytes >= FUSED_MIN_HIDDEN_BYTES:
-            return "fused"  # compiled dropless too: eager behind the break the loop would have
-        if torch.compiler.is_compiling():  # dropless: the slab from DROPLESS_SLAB_MIN_ROWS on
-            rows = x.shape[0] * self.k / self.n_experts
-            return "bmm" if rows >= DROPLESS_SLAB_MIN_ROWS else "loop"
+        if cpu and hidden_bytes >= FUSED_MIN_HIDDEN_BYTES:
+            return "fused"
+        if compiling:  # dropless: eager, where mix_eagerly asks again with readable counts
+            return "loop"
         if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
             return "grouped"
+        a = plan.expert.shape[0]
+        if cpu and x.dtype == torch.float32 and a:
+            c = slab_rows(x, plan.counts, plan.cap, a)  # a host sync
+            return "bmm" if self.n_experts * c <= SLAB_MAX_PADDING * a else "loop"
         return "loop"
 
     def _experts(self, dtype: torch.dtype) -> Experts:

@@ -20,6 +20,8 @@ assignments ``[a', d_out]`` with their gates and tokens. Paths:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,44 +114,26 @@ def dispatch_grouped(x, expert, gate, token, rank, counts, cap, experts: Experts
 def dispatch_bmm(x, expert, gate, token, rank, counts, cap, experts: Experts) -> Routed:
     """A slab of ``c`` rows per expert in two batched matmuls: ``[e * c, d_out]``.
 
-    ``c`` is the capacity, or every token (``c = b``: exact, a token picks an expert at most
-    once) where counts cannot be read (meta tensors, ``torch.export``), or else the largest
-    count. Under ``torch.compile`` with no capacity, ``c = ceil(a / e)``: the slab keeps static
-    shapes and compiles with the rest, and :func:`add_overflow` runs the rows past ``c``.
+    ``c`` is the capacity, or the largest count where counts can be read (eager), or else every
+    token (``c = b``: exact, since a token picks an expert at most once, but ``e / k`` times the
+    expert FLOPs: meta tensors, ``torch.export`` and ``torch.compile`` without a capacity, all
+    with static shapes and no graph break).
     The slab gathers its rows straight from ``x`` by a ``[e, c]`` index (slots past an expert's
     count re-read a token with gate 0), so there is no buffer to scatter into and no gather
     back: the combine adds the slab's rows in place.
     """
-    c = slab_rows(x, counts, cap, expert.shape[0], experts[0].shape[0])
+    c = slab_rows(x, counts, cap, expert.shape[0])
     return _slab(x, gate, token, counts, c, experts)
 
 
-@torch.compiler.disable
-def add_overflow(
-    x, expert, gate, token, rank, counts, cap, experts: Experts, slab: Routed
-) -> Routed:
-    """The slab of :func:`dispatch_bmm` (no capacity, ``c < b``) plus the assignments of rank
-    ``>= c`` through the loop (``nonzero`` and ``tolist``: host syncs, hence eager even under
-    ``torch.compile``: the one graph break of the dropless path)."""
-    c = slab[0].shape[0] // counts.shape[0]
-    over = (rank >= c).nonzero().squeeze(1)  # [a_o], still sorted by expert
-    if over.numel() == 0:
-        return slab
-    token_o = token[over]
-    y_o = _loop_rows(x, token_o, (counts - c).clamp(min=0).tolist(), experts)  # [a_o, d_out]
-    y, slab_gate, slab_token = slab
-    return torch.cat([y, y_o]), torch.cat([slab_gate, gate[over]]), torch.cat([slab_token, token_o])
-
-
-def slab_rows(x: Tensor, counts: Tensor, cap: int | None, a: int, e: int) -> int:
+def slab_rows(x: Tensor, counts: Tensor, cap: int | None, a: int) -> int:
     """Rows per expert in the slab of :func:`dispatch_bmm` (see there)."""
     b = x.shape[0]
     if cap is not None:
         return min(cap, b)
-    if x.device.type == "meta" or torch.compiler.is_exporting():
+    unreadable = x.device.type == "meta" or torch.compiler.is_compiling()
+    if unreadable or torch.compiler.is_exporting():
         return b
-    if torch.compiler.is_compiling():
-        return min(-(-a // e), b)
     return int(counts.max().item()) if a else 0
 
 
@@ -183,13 +167,14 @@ EAGER_DISPATCHES = ("loop", "fused")  # their slice sizes are host ints: never t
 
 
 @torch.compiler.disable
-def mix_eagerly(dispatch: str, x: Tensor, plan: tuple, experts: Experts) -> Tensor:
-    """An eager kernel (``EAGER_DISPATCHES``) and the combine: ``[b, d_out]``. Eager even under
-    ``torch.compile``, where this is the one graph break of the dropless path; the combine
-    behind the same break runs as :class:`_GatedCombine` rather than as traced ops (compiled
-    MoE at 4096 tokens, e 8, k 2, fused: 0.97x -> 1.02x the compiled dense FFN, 11 interleaved
-    rounds, Intel Xeon, 7 Dec 2026)."""
-    y, gate, token = DISPATCH_KERNELS[dispatch](x, *plan, experts)
+def mix_eagerly(pick: Callable[..., str], x: Tensor, plan: tuple, experts: Experts) -> Tensor:
+    """The kernel ``pick(x, plan)`` names, then the combine: ``[b, d_out]``. Eager even under
+    ``torch.compile``, where this is the one graph break of the dropless path: ``pick`` runs
+    here, where the counts can be read (``auto`` may take bmm's slab of the largest count),
+    and the combine behind the same break runs as :class:`_GatedCombine` rather than as
+    traced ops (compiled MoE at 4096 tokens, e 8, k 2, fused: 0.97x -> 1.02x the compiled
+    dense FFN, 11 interleaved rounds, Intel Xeon, 7 Dec 2026)."""
+    y, gate, token = DISPATCH_KERNELS[pick(x, plan)](x, *plan, experts)
     return combine(y, gate.to(y.dtype), token, x.shape[0])
 
 
