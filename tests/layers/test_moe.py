@@ -401,6 +401,20 @@ def test_reduced_precision_cpu_slices_are_padded_to_repeat_matmul_shapes():
     assert pad_slices(x.float(), gate, token, counts)[2] is counts  # float32: unchanged
 
 
+def test_fused_backward_twice_with_retain_graph_and_frees_its_pieces_without():
+    loop, fused = _loop_and_fused()
+    x = torch.randn(30, 8)
+    for moe in (loop, fused):
+        y = moe(x).square().sum()
+        y.backward(retain_graph=True)
+        y.backward()  # accumulates a second, equal gradient
+    torch.testing.assert_close(fused.w1.grad, loop.w1.grad)
+    y = fused(x).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward()
+
+
 class _Step(nn.Module):
     """An activation with no gradient."""
 

@@ -296,6 +296,7 @@ class _ExpertMLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         x, w1, w2, *hidden = ctx.saved_tensors
+        keep = _keeps_graph()  # backward(retain_graph=True): the pieces' graphs stay for another
         need_x = ctx.needs_input_grad[0]
         grad_x = x.new_empty(x.shape) if need_x else None
         grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -309,13 +310,24 @@ class _ExpertMLP(torch.autograd.Function):
             torch.sum(g, dim=0, out=grad_b2[j])
             grad_a = torch.mm(g, w2[j].t())  # [n_j, h]
             a, p = ctx.hidden[i], ctx.pre[i]
-            grad_p = torch.autograd.grad(a, p, grad_a)[0] if a.requires_grad else grad_a.zero_()
+            if a.requires_grad:
+                grad_p = torch.autograd.grad(a, p, grad_a, retain_graph=keep)[0]
+            else:
+                grad_p = grad_a.zero_()
             torch.mm(x[rows].t(), grad_p, out=grad_w1[j])
             torch.sum(grad_p, dim=0, out=grad_b1[j])
             if need_x:
                 torch.mm(grad_p, w1[j].t(), out=grad_x[rows])
-        ctx.pre = ctx.hidden = None
+        if not keep:  # freed with the rest of the graph's saved tensors, not when ctx dies
+            ctx.pre = ctx.hidden = None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward was asked to ``retain_graph`` (a private torch query; if
+    it is gone, the graph is kept: memory held longer, never a failed second backward)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _zero_bias(w: Tensor) -> Tensor:
