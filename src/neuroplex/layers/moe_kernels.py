@@ -203,12 +203,8 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor, sizes: list[int]) -> Tensor:
         out = x.new_empty(x.shape[0], w.shape[2])
-        start = 0
-        for j, n in enumerate(sizes):
-            if n > 0:
-                rows = slice(start, start + n)
-                torch.addmm(b[j], x[rows], w[j], out=out[rows])
-            start += n
+        for j, rows in _groups(sizes):
+            torch.addmm(b[j], x[rows], w[j], out=out[rows])
         ctx.save_for_backward(x, w)
         ctx.sizes = sizes
         return out
@@ -221,21 +217,14 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = x.new_empty(x.shape) if need_x else None
         grad_w = torch.empty_like(w) if need_w else None
         grad_b = w.new_empty(w.shape[0], w.shape[2]) if need_b else None
-        start = 0
-        for j, n in enumerate(ctx.sizes):
-            rows = slice(start, start + n)
-            if n == 0:  # an expert with no rows gets zero gradients
-                for g in (grad_w, grad_b):
-                    if g is not None:
-                        g[j].zero_()
-                continue
+        _zero_unrouted(ctx.sizes, grad_w, grad_b)
+        for j, rows in _groups(ctx.sizes):
             if need_x:
                 torch.mm(grad[rows], w[j].t(), out=grad_x[rows])
             if need_w:
                 torch.mm(x[rows].t(), grad[rows], out=grad_w[j])
             if need_b:
                 torch.sum(grad[rows], dim=0, out=grad_b[j])
-            start += n
         return grad_x, grad_w, grad_b, None
 
 
@@ -300,10 +289,11 @@ class _ExpertMLP(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         grad_x = x.new_empty(x.shape) if need_x else None
         grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
-        grad_b1, grad_b2 = _zero_bias(w1), _zero_bias(w2)  # zeros: an expert with no rows stays 0
-        for j in (j for j, n in enumerate(ctx.sizes) if n == 0):
-            grad_w1[j].zero_()
-            grad_w2[j].zero_()
+        grad_b1, grad_b2 = (
+            w1.new_empty(w1.shape[0], w1.shape[2]),
+            w2.new_empty(w2.shape[0], w2.shape[2]),
+        )
+        _zero_unrouted(ctx.sizes, grad_w1, grad_b1, grad_w2, grad_b2)
         for i, (j, rows) in enumerate(_groups(ctx.sizes)):
             g = grad[rows]  # [n_j, d_out]
             torch.mm(hidden[i].t(), g, out=grad_w2[j])
@@ -330,9 +320,13 @@ def _keeps_graph() -> bool:
     return True if query is None else bool(query())
 
 
-def _zero_bias(w: Tensor) -> Tensor:
-    """Zeros shaped like the bias of ``w [e, i, o]``: ``[e, o]``."""
-    return w.new_zeros(w.shape[0], w.shape[2])
+def _zero_unrouted(sizes: list[int], *grads: Tensor | None) -> None:
+    """Zero ``g[j]`` of every gradient ``g`` (None: not needed) for each expert ``j`` with no
+    rows: its kernels skip it, and its gradient is zero."""
+    for j in (j for j, n in enumerate(sizes) if n == 0):
+        for g in grads:
+            if g is not None:
+                g[j].zero_()
 
 
 def _groups(sizes: list[int]):
