@@ -86,12 +86,14 @@ def test_matches_masked_linear_with_gradients(wiring, batch, bias):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gather_in_several_chunks(monkeypatch, bias):
+@pytest.mark.parametrize("rows", [2, 256])  # 5 rows: chunks of 2, 2, 1, or one chunk
+def test_gather_in_several_chunks(monkeypatch, bias, rows):
     monkeypatch.setattr(sparse_kernels, "GATHER_BYTES", 1)  # one ensemble per chunk
+    monkeypatch.setattr(sparse_kernels, "GATHER_ROWS", rows)
     wiring = W.hypergraph([3, 4, 2], [2, 5], [([0, 2], 0), ([1], 1), ([0], 1), ([2], 1)])
     layer = SparseLinear(wiring, bias=bias, path="block-gather", dtype=F64)
     assert layer.geo["k"] == 3  # output 0 has 2 input ensembles + 1 dummy block
-    x = torch.randn(3, 9, dtype=F64, requires_grad=True)
+    x = torch.randn(5, 9, dtype=F64, requires_grad=True)
     params = [x, *layer.parameters()]
     y = layer(x)
     gy = torch.randn_like(y)
@@ -327,6 +329,19 @@ def test_saves_no_more_for_backward_than_nn_linear(wiring, path, lead):
     assert saved_bytes(layer, x) <= saved_bytes(linear, x)
     if layer.path == "masked-dense":  # x only: no [n_out, n_in] product of weight and mask
         assert saved_bytes(layer, x) == x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path"),
+    [("ring", "masked-dense"), ("ring", "block-window"), ("random", "block-gather")],
+)
+def test_saves_its_input_itself_not_a_copy_of_it(pattern, path):
+    # after a ReLU, which saves its output, nn.Linear saves nothing more: nor may the layer
+    wiring = W.modular(96, 64, 8, 1, pattern, seed=0)
+    x = torch.randn(16, wiring.n_in, requires_grad=True)
+    ours = nn.Sequential(nn.ReLU(), SparseLinear(wiring, path=path))
+    linear = nn.Sequential(nn.ReLU(), nn.Linear(wiring.n_in, wiring.n_out))
+    assert saved_bytes(ours, x) == saved_bytes(linear, x) == x.numel() * x.element_size()
 
 
 @pytest.mark.parametrize("path", ["block-window", "block-gather"])

@@ -15,6 +15,10 @@ from torch.autograd.function import once_differentiable
 _DIMS = ("k", "g_in", "g_out", "s_in", "s_out")
 GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mmap per call
 CHUNK_ROWS = 128  # batch rows per chunk of the block-window products (best of 64-512, b 2048)
+# batch rows per chunk of the block-gather kernel: random wiring, 4096 units in blocks of 64,
+# density 0.125, 2 threads, fwd+bwd at b 2048: 2.19x the ideal by 256, 2.38x by 512 and 2.87x
+# for the whole batch at once (the kernel before chunks), unchanged at b 256 (Intel Xeon, 7 Dec)
+GATHER_ROWS = 256
 
 
 def _windows(t: Tensor, g: int, width: int, step: int) -> Tensor:
@@ -89,11 +93,11 @@ def _cyclic_windows(t: Tensor, k: int, s: int, first: int):
         yield q0, q0 + k - 1, _windows(tail, k - 1, k * s, s)
 
 
-def _row_chunks(b: int):
-    """Slices of ``CHUNK_ROWS`` batch rows covering ``range(b)``; one (empty) slice when
-    ``b == 0``, so a sum over the chunks is still written, as zeros."""
-    for r0 in range(0, max(b, 1), CHUNK_ROWS):
-        yield slice(r0, r0 + CHUNK_ROWS)
+def _row_chunks(b: int, rows: int):
+    """Slices of ``rows`` batch rows covering ``range(b)``; one (empty) slice when ``b == 0``,
+    so a sum over the chunks is still written, as zeros."""
+    for r0 in range(0, max(b, 1), rows):
+        yield slice(r0, r0 + rows)
 
 
 def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> Tensor:
@@ -108,7 +112,7 @@ def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> T
     b, g, s_out = t.shape[0], weight.shape[0], weight.shape[2]
     out = t.new_empty(b, g, s_out)
     out_t = out.transpose(0, 1)
-    for rows in _row_chunks(b):
+    for rows in _row_chunks(b, CHUNK_ROWS):
         for q0, q1, win in _cyclic_windows(t[rows], k, s, first):
             out_t[q0:q1, rows].copy_(torch.bmm(win, weight[q0:q1]))
     return out.view(b, g * s_out)
@@ -163,7 +167,7 @@ def _window_weight_grad(x_pos: Tensor, grad_pos: Tensor, geo: dict) -> Tensor:
     g, k, s_in, s_out = geo["g_out"], geo["k"], geo["s_in"], geo["s_out"]
     grad_w = x_pos.new_empty(g, k * s_in, s_out)
     grad_y = grad_pos.view(x_pos.shape[0], g, s_out).transpose(0, 1)  # [g, b, s_out], a view
-    for rows in _row_chunks(x_pos.shape[0]):
+    for rows in _row_chunks(x_pos.shape[0], CHUNK_ROWS):
         for q0, q1, win in _cyclic_windows(x_pos[rows], k, s_in, 0):
             factors = (win.transpose(1, 2), grad_y[q0:q1, rows])
             if rows.start == 0:
@@ -199,6 +203,23 @@ def _per_chunk(item_bytes: int) -> int:
     return max(1, GATHER_BYTES // max(item_bytes, 1))  # an empty batch: items of 0 bytes
 
 
+class _Buffers:
+    """Reused scratch of the gather kernel for chunks of up to ``r`` batch rows: flat storage
+    handed out as views, so no chunk allocates (a tensor of 32 MiB or more would be a fresh
+    mapping whose pages fault on first write)."""
+
+    def __init__(self, like: Tensor, r: int, geo: dict) -> None:
+        k, g_in, g_out, s_in, s_out = (geo[n] for n in _DIMS)
+        self.per = _per_chunk(like.element_size() * k * s_in * r)  # outputs per gather
+        self.rows = like.new_empty(max(g_in * s_in, g_out * s_out) * r)
+        self.gathered = like.new_empty(min(self.per, g_out) * k * s_in * r)
+
+    def transposed(self, t: Tensor) -> Tensor:
+        """``t [r, n]`` copied to ``[n, r]`` (in the row buffer)."""
+        out = self.rows[: t.numel()].view(t.shape[1], t.shape[0])
+        return out.copy_(t.t())
+
+
 class GatherMatmul(torch.autograd.Function):
     """Block-gather product, in the transposed layout where a block is contiguous.
 
@@ -212,6 +233,9 @@ class GatherMatmul(torch.autograd.Function):
     read. The gradient is read in place through strided views (no transposed copy); this
     measured 6-12% faster fwd+bwd than reducing over each input's readers inside the ``bmm``,
     which needs a gather of the gradient and a permuted copy of the weight blocks.
+
+    Everything runs on chunks of ``GATHER_ROWS`` batch rows, each transposed into a reused
+    buffer, and only ``x`` itself is saved (as ``nn.Linear`` saves it), not ``x^T``.
     """
 
     @staticmethod
@@ -221,68 +245,87 @@ class GatherMatmul(torch.autograd.Function):
         # that require grad (autograd never sees these ops: backward is written below)
         x, weight = x.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-        xt = x.t().contiguous()  # [g_in*s_in, b]
-        ctx.save_for_backward(xt, weight)
+        ctx.save_for_backward(x, weight)
         ctx.geo = geo
         weight = _masked(weight, geo)
-        yt = x.new_empty(g_out, s_out, b)
         w_t = weight.transpose(1, 2)  # [g_out, s_out, k*s_in]
-        for j0, j1, blocks in _gather_t(xt, geo["gather"], s_in):
-            if bias is None:
-                torch.bmm(w_t[j0:j1], blocks, out=yt[j0:j1])
-            else:
-                bias_t = bias.view(g_out, s_out, 1)[j0:j1].expand(-1, -1, b)
-                torch.baddbmm(bias_t, w_t[j0:j1], blocks, out=yt[j0:j1])
-        return yt.view(g_out * s_out, b).t().contiguous()  # [b, g_out*s_out]
+        y = x.new_empty(b, g_out * s_out)
+        bufs = _Buffers(x, min(b, GATHER_ROWS), geo)
+        yt_buf = x.new_empty(g_out * s_out * min(b, GATHER_ROWS))
+        for rows in _row_chunks(b, GATHER_ROWS):
+            xt = bufs.transposed(x[rows])  # [g_in*s_in, r]
+            r = xt.shape[1]
+            yt = yt_buf[: g_out * s_out * r].view(g_out, s_out, r)
+            for j0, j1, blocks in _gather_t(xt, geo["gather"], s_in, bufs):
+                if bias is None:
+                    torch.bmm(w_t[j0:j1], blocks, out=yt[j0:j1])
+                else:
+                    bias_t = bias.view(g_out, s_out, 1)[j0:j1].expand(-1, -1, r)
+                    torch.baddbmm(bias_t, w_t[j0:j1], blocks, out=yt[j0:j1])
+            y[rows].copy_(yt.view(g_out * s_out, r).t())
+        return y  # [b, g_out*s_out]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        xt, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         geo = ctx.geo
-        b, g_out, s_out = xt.shape[1], geo["g_out"], geo["s_out"]
+        b, g_out, s_out = x.shape[0], geo["g_out"], geo["s_out"]
         weight = _masked(weight, geo)
-        grad = grad.contiguous()
-        go = grad.view(b, g_out, s_out)
-        grad_x = _grad_input(go, weight, geo) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(weight)
-            for j0, j1, blocks in _gather_t(xt, geo["gather"], geo["s_in"]):
-                # [c, k*s_in, b] @ [c, b, s_out]: the gradient as a strided view
-                torch.bmm(blocks, go[:, j0:j1].transpose(0, 1), out=grad_w[j0:j1])
+        go = grad.contiguous().view(b, g_out, s_out)
+        bufs = _Buffers(x, min(b, GATHER_ROWS), geo)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        for rows in _row_chunks(b, GATHER_ROWS):
+            if need_w:
+                _add_weight_grad(grad_w, bufs.transposed(x[rows]), go[rows], geo, bufs, rows)
+            if need_x:
+                grad_x[rows] = _grad_input(go[rows], weight, geo, bufs)
+        if need_w:
             grad_w = _masked_grad(grad_w, geo)
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
-def _gather_t(xt: Tensor, gather: Tensor, s: int):
-    """Yield ``(j0, j1, blocks)``: for a few outputs ``j0 <= j < j1`` at a time, the blocks
-    ``gather[j]`` of ``xt [g*s, b]`` stacked as ``blocks [j1-j0, k*s, b]`` (a view of one
-    reused buffer of at most ``GATHER_BYTES``)."""
-    (g_dst, k), b = gather.shape, xt.shape[1]
-    per = _per_chunk(xt.element_size() * k * s * b)
-    buf = xt.new_empty(min(per, g_dst) * k, s * b)
-    src = xt.view(xt.shape[0] // s, s * b)  # one row per block
-    for j0, j1 in _spans(g_dst, per):
-        part = buf[: (j1 - j0) * k]
+def _gather_t(xt: Tensor, gather: Tensor, s: int, bufs: _Buffers):
+    """Yield ``(j0, j1, blocks)``: for ``bufs.per`` outputs ``j0 <= j < j1`` at a time, the
+    blocks ``gather[j]`` of ``xt [g*s, r]`` stacked as ``blocks [j1-j0, k*s, r]`` (a view of
+    the reused gather buffer)."""
+    (g_dst, k), r = gather.shape, xt.shape[1]
+    src = xt.view(xt.shape[0] // s, s * r)  # one row per block
+    for j0, j1 in _spans(g_dst, bufs.per):
+        part = bufs.gathered[: (j1 - j0) * k * s * r].view((j1 - j0) * k, s * r)
         torch.index_select(src, 0, gather[j0:j1].reshape(-1), out=part)
-        yield j0, j1, part.view(j1 - j0, k * s, b)
+        yield j0, j1, part.view(j1 - j0, k * s, r)
 
 
-def _grad_input(go: Tensor, weight: Tensor, geo: dict) -> Tensor:
-    """``go [b, g_out, s_out]`` -> ``grad_x [b, g_in*s_in]``: weight block ``(j, t)`` sends
-    ``weight[j, t] @ go[:, j]^T`` to input ensemble ``gather[j, t]``; contributions of a few
-    outputs at a time are summed onto ``grad_x^T [g_in, s_in*b]`` (dummy blocks have zero
-    weights, so what they send to ensemble 0 is zero)."""
+def _add_weight_grad(
+    grad_w: Tensor, xt: Tensor, go: Tensor, geo: dict, bufs: _Buffers, rows: slice
+) -> None:
+    """Add one chunk's weight gradient into ``grad_w [g_out, k*s_in, s_out]`` (written by the
+    first chunk): ``blocks_j @ go_j`` from ``xt [g_in*s_in, r]`` and ``go [r, g_out, s_out]``
+    (read through a strided view)."""
+    for j0, j1, blocks in _gather_t(xt, geo["gather"], geo["s_in"], bufs):
+        factors = (blocks, go[:, j0:j1].transpose(0, 1))  # [c, k*s_in, r] @ [c, r, s_out]
+        if rows.start == 0:
+            torch.bmm(*factors, out=grad_w[j0:j1])
+        else:
+            grad_w[j0:j1].baddbmm_(*factors)
+
+
+def _grad_input(go: Tensor, weight: Tensor, geo: dict, bufs: _Buffers) -> Tensor:
+    """``go [r, g_out, s_out]`` -> ``grad_x [r, g_in*s_in]`` (a transposed view of the row
+    buffer): weight block ``(j, t)`` sends ``weight[j, t] @ go[:, j]^T`` to input ensemble
+    ``gather[j, t]``; contributions of ``bufs.per`` outputs at a time are summed onto
+    ``grad_x^T [g_in, s_in*r]`` (dummy blocks have zero weights, so what they send to ensemble
+    0 is zero)."""
     k, g_in, g_out, s_in, _ = (geo[n] for n in _DIMS)
-    b = go.shape[0]
-    gxt = go.new_zeros(g_in, s_in * b)
-    go_t = go.permute(1, 2, 0)  # [g_out, s_out, b], strided
-    per = _per_chunk(go.element_size() * k * s_in * b)
-    buf = go.new_empty(min(per, g_out), k * s_in, b)
-    for j0, j1 in _spans(g_out, per):
-        part = buf[: j1 - j0]
+    r = go.shape[0]
+    gxt = bufs.rows[: g_in * s_in * r].view(g_in, s_in * r).zero_()
+    go_t = go.permute(1, 2, 0)  # [g_out, s_out, r], strided
+    for j0, j1 in _spans(g_out, bufs.per):
+        part = bufs.gathered[: (j1 - j0) * k * s_in * r].view(j1 - j0, k * s_in, r)
         torch.bmm(weight[j0:j1], go_t[j0:j1], out=part)
-        gxt.index_add_(0, geo["gather"][j0:j1].reshape(-1), part.view((j1 - j0) * k, s_in * b))
-    return gxt.view(g_in * s_in, b).t().contiguous()
+        gxt.index_add_(0, geo["gather"][j0:j1].reshape(-1), part.view((j1 - j0) * k, s_in * r))
+    return gxt.view(g_in * s_in, r).t()
