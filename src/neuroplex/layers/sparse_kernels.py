@@ -226,19 +226,22 @@ class GatherMatmul(torch.autograd.Function):
     of ``GATHER_ROWS`` batch rows. Only ``x`` itself is saved (as ``nn.Linear`` saves it).
 
     Forward gathers the ``k`` input blocks of a few outputs at a time from the rows of ``x``
-    (``index_select`` over the block axis) and multiplies them with one ``bmm`` (reduction over
-    ``k*s_in``), whose product is added to the bias straight into those outputs' blocks of
-    ``y``. The weight gradient works on ``x^T [g_in, s_in, r]`` instead, where each block is
-    one contiguous chunk: its ``bmm`` (blocks times the gradient) ran ~20% faster on gathered
-    ``x^T`` blocks than on strided row blocks, more than the transpose costs; the forward
-    ``bmm`` runs as fast on either, so it skips the transposes (16.2 -> 11.6 ms at b 256,
-    4096 units in blocks of 64, density 0.125, 1 thread). The input gradient is the transpose:
-    each output block's gradient times its weight blocks gives one contribution per weight
-    block (one ``bmm``, no gather, no weight permutation), scatter-added (``index_add_``) onto
-    the input blocks of ``grad_x^T`` that it read. The gradient is read in place through
-    strided views (no transposed copy); this measured 6-12% faster fwd+bwd than reducing over
-    each input's readers inside the ``bmm``, which needs a gather of the gradient and a
-    permuted copy of the weight blocks.
+    (``index_select`` over the block axis) and multiplies them with one ``baddbmm`` (reduction
+    over ``k*s_in``, the bias added), whose product is copied straight into those outputs'
+    blocks of ``y``.
+
+    The weight gradient works on ``x^T [g_in, s_in, r]`` instead, where each block is one
+    contiguous chunk: its ``bmm`` (blocks times the gradient) ran ~20% faster on gathered
+    ``x^T`` blocks than on strided row blocks, more than the transpose costs. The forward
+    product runs as fast on either, so forward skips the transposes (16.2 -> 11.6 ms at b 256,
+    4096 units in blocks of 64, density 0.125, 1 thread).
+
+    The input gradient is the transpose: each output block's gradient times its weight blocks
+    gives one contribution per weight block (one ``bmm``, no gather, no weight permutation),
+    scatter-added (``index_add_``) onto the input blocks of ``grad_x^T`` that it read. The
+    gradient is read in place through strided views (no transposed copy); this measured 6-12%
+    faster fwd+bwd than reducing over each input's readers inside the ``bmm``, which needs a
+    gather of the gradient and a permuted copy of the weight blocks.
     """
 
     @staticmethod
@@ -256,8 +259,12 @@ class GatherMatmul(torch.autograd.Function):
         for rows in _row_chunks(b, GATHER_ROWS):
             for j0, j1, blocks in _gather_rows(x[rows], geo, bufs):
                 out = bufs.rows[: blocks.shape[:2].numel() * s_out].view(j1 - j0, -1, s_out)
-                product = torch.bmm(blocks, weight[j0:j1], out=out).transpose(0, 1)
-                y[rows, j0:j1] = product if bias is None else product + bias[j0:j1]
+                if bias is None:
+                    torch.bmm(blocks, weight[j0:j1], out=out)
+                else:  # [c, r, s_out]: the bias broadcast over the rows
+                    bias_c = bias[j0:j1, None].expand(-1, blocks.shape[1], -1)
+                    torch.baddbmm(bias_c, blocks, weight[j0:j1], out=out)
+                y[rows, j0:j1] = out.transpose(0, 1)
         return y.view(b, g_out * s_out)
 
     @staticmethod
