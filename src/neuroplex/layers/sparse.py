@@ -18,11 +18,12 @@ Paths (chosen by :func:`~neuroplex.layers.sparse_plan.choose_path`; ``path_reaso
   that do (views of a small copy of the blocks around the wrap), in chunks of batch rows
   whose windows stay in cache.
 - ``block-gather``: any other block wiring. Output ensembles are padded to the largest fan-in
-  ``k`` with zero dummy blocks. The kernel works on chunks of ``GATHER_ROWS`` batch rows,
-  each transposed (``x^T``, where each block is one contiguous chunk): the ``k`` input blocks
-  of a few outputs at a time are chunk-copied into one reused buffer (at most
-  ``GATHER_BYTES``) and multiplied with one ``bmm`` reducing over ``k*s_in``; the input
-  gradient scatter-adds each weight block's contribution onto the block it read.
+  ``k`` with zero dummy blocks. The kernel works on chunks of ``GATHER_ROWS`` batch rows: the
+  ``k`` input blocks of a few outputs at a time are copied into one reused buffer (at most
+  ``GATHER_BYTES``; from the rows of ``x`` in forward, from ``x^T``, where each block is one
+  contiguous chunk, for the weight gradient) and multiplied with one ``bmm`` reducing over
+  ``k*s_in``; the input gradient scatter-adds each weight block's contribution onto the block
+  it read.
 
 Both block paths store ``weight [g_out, k*s_in, s_out]``: rows ``t*s_in:(t+1)*s_in`` of
 ``weight[q]`` are the block from input ensemble ``block_in[q*k+t]`` to output ensemble

@@ -16,8 +16,9 @@ _DIMS = ("k", "g_in", "g_out", "s_in", "s_out")
 GATHER_BYTES = 8 * 2**20  # reused gather buffer: cache-sized, never a fresh mmap per call
 CHUNK_ROWS = 128  # batch rows per chunk of the block-window products (best of 64-512, b 2048)
 # batch rows per chunk of the block-gather kernel: random wiring, 4096 units in blocks of 64,
-# density 0.125, 2 threads, fwd+bwd at b 2048: 2.19x the ideal by 256, 2.38x by 512 and 2.87x
-# for the whole batch at once (the kernel before chunks), unchanged at b 256 (Intel Xeon, 7 Dec)
+# density 0.125, fwd+bwd, Intel Xeon, 7 Dec: at b 2048 (2 threads) 2.07-2.10x the ideal by 128
+# or 256 rows, 2.18-2.24x by 512, 2.9x for the whole batch at once (the kernel before chunks);
+# at b 256 chunks of 64-256 rows are within noise of each other (1.71-1.85x, 1 and 2 threads)
 GATHER_ROWS = 256
 
 
@@ -212,7 +213,7 @@ class _Buffers:
         k, g_in, g_out, s_in, s_out = (geo[n] for n in _DIMS)
         self.per = _per_chunk(like.element_size() * k * s_in * r)  # outputs per gather
         self.rows = like.new_empty(max(g_in * s_in, g_out * s_out) * r)
-        self.gathered = like.new_empty(min(self.per, g_out) * k * s_in * r)
+        self.blocks = like.new_empty(min(self.per, g_out) * k * s_in * r)  # gathered, products
 
     def transposed(self, t: Tensor) -> Tensor:
         """``t [r, n]`` copied to ``[n, r]`` (in the row buffer)."""
@@ -297,20 +298,20 @@ def _gather_rows(x: Tensor, geo: dict, bufs: _Buffers):
     (g_dst, k), s, r = geo["gather"].shape, geo["s_in"], x.shape[0]
     src = x.view(r, geo["g_in"], s)
     for j0, j1 in _spans(g_dst, bufs.per):
-        part = bufs.gathered[: r * (j1 - j0) * k * s].view(r, (j1 - j0) * k, s)
+        part = bufs.blocks[: r * (j1 - j0) * k * s].view(r, (j1 - j0) * k, s)
         torch.index_select(src, 1, geo["gather"][j0:j1].reshape(-1), out=part)
         yield j0, j1, part.view(r, j1 - j0, k * s).transpose(0, 1)
 
 
-def _gather_t(xt: Tensor, gather: Tensor, s: int, bufs: _Buffers):
+def _gather_t(xt: Tensor, geo: dict, bufs: _Buffers):
     """Yield ``(j0, j1, blocks)``: for ``bufs.per`` outputs ``j0 <= j < j1`` at a time, the
-    blocks ``gather[j]`` of ``xt [g*s, r]`` stacked as ``blocks [j1-j0, k*s, r]`` (a view of
-    the reused gather buffer)."""
-    (g_dst, k), r = gather.shape, xt.shape[1]
-    src = xt.view(xt.shape[0] // s, s * r)  # one row per block
+    input blocks ``gather[j]`` of ``xt [g_in*s_in, r]`` stacked as ``blocks [j1-j0, k*s_in, r]``
+    (a view of the reused gather buffer)."""
+    (g_dst, k), s, r = geo["gather"].shape, geo["s_in"], xt.shape[1]
+    src = xt.view(geo["g_in"], s * r)  # one row per block
     for j0, j1 in _spans(g_dst, bufs.per):
-        part = bufs.gathered[: (j1 - j0) * k * s * r].view((j1 - j0) * k, s * r)
-        torch.index_select(src, 0, gather[j0:j1].reshape(-1), out=part)
+        part = bufs.blocks[: (j1 - j0) * k * s * r].view((j1 - j0) * k, s * r)
+        torch.index_select(src, 0, geo["gather"][j0:j1].reshape(-1), out=part)
         yield j0, j1, part.view(j1 - j0, k * s, r)
 
 
@@ -320,7 +321,7 @@ def _add_weight_grad(
     """Add one chunk's weight gradient into ``grad_w [g_out, k*s_in, s_out]`` (written by the
     first chunk): ``blocks_j @ go_j`` from ``xt [g_in*s_in, r]`` and ``go [r, g_out, s_out]``
     (read through a strided view)."""
-    for j0, j1, blocks in _gather_t(xt, geo["gather"], geo["s_in"], bufs):
+    for j0, j1, blocks in _gather_t(xt, geo, bufs):
         factors = (blocks, go[:, j0:j1].transpose(0, 1))  # [c, k*s_in, r] @ [c, r, s_out]
         if rows.start == 0:
             torch.bmm(*factors, out=grad_w[j0:j1])
@@ -339,7 +340,7 @@ def _grad_input(go: Tensor, weight: Tensor, geo: dict, bufs: _Buffers) -> Tensor
     gxt = bufs.rows[: g_in * s_in * r].view(g_in, s_in * r).zero_()
     go_t = go.permute(1, 2, 0)  # [g_out, s_out, r], strided
     for j0, j1 in _spans(g_out, bufs.per):
-        part = bufs.gathered[: (j1 - j0) * k * s_in * r].view(j1 - j0, k * s_in, r)
+        part = bufs.blocks[: (j1 - j0) * k * s_in * r].view(j1 - j0, k * s_in, r)
         torch.bmm(weight[j0:j1], go_t[j0:j1], out=part)
         gxt.index_add_(0, geo["gather"][j0:j1].reshape(-1), part.view((j1 - j0) * k, s_in * r))
     return gxt.view(g_in * s_in, r).t()
