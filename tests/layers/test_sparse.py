@@ -233,7 +233,9 @@ def test_path_rule():
     assert choose_path(W.modular(4096, 4096, 64, 5, "random")) == "block-gather"
     assert choose_path(W.modular(4096, 4096, 256, 127, "random")) == "masked-dense"
     assert choose_path(W.modular(4096, 4096, 256, 63, "random")) == "block-gather"  # 16s, 0.25
-    assert choose_path(W.modular(4096, 4096, 64, 31, "random")) == "masked-dense"  # 64s, 0.5
+    assert choose_path(W.modular(4096, 4096, 128, 63, "random")) == "masked-dense"  # 32s, 0.5
+    assert choose_path(W.modular(4096, 4096, 64, 31, "random")) == "block-gather"  # 64s, 0.5
+    assert choose_path(W.modular(4096, 4096, 64, 47, "random")) == "masked-dense"  # 64s, 0.75
     assert choose_path(W.modular(4096, 4096, 32, 15, "random")) == "block-gather"  # 128s, 0.5
     assert choose_path(W.modular(4096, 4096, 32, 23, "random")) == "masked-dense"  # 128s, 0.75
 

@@ -2,28 +2,29 @@
 structure the block paths need (see neuroplex.layers.sparse for the paths).
 
 Rule (``choose_path``): take the block path while its executed density (dummies and padding
-included) is at most ``_density_limit``, else masked-dense. Block-window: 0.5 (0.75 for
-blocks of 64+ units); block-gather: 0.5 for blocks of 128+ units, else 0.25.
+included) is at most ``_density_limit``, else masked-dense. Block-window: 0.75 for blocks of
+64+ units, else 0.5; block-gather: 0.5 for blocks of 64+ units, else 0.25.
 
-Re-derived on this machine (2026-12-02, shared 2-core x86_64, torch 2.13, ``neuroplex bench
-sparse``, 4096x4096, batch 256, forward + backward with the input gradient, process CPU time,
-1 thread, interleaved rounds; docs/bench/sparse_t1.md, sparse_d05_t1.md). Time relative to
-``nn.Linear``:
+Re-derived on this machine (2026-12-07, idle 2-core Intel Xeon, torch 2.13, the rewritten
+gather kernel; ``neuroplex bench sparse``, 4096x4096, forward + backward with the input
+gradient, process CPU time; docs/bench/sparse_rule_t1.md, sparse_rule_t2.md,
+sparse_rule_b2048_t2.md). Time relative to ``nn.Linear``, batch 256 with 1 / 2 threads, then
+batch 2048 with 2 (blocks of 128 at density 0.75: 1 / 2 threads):
 
-    pattern  s    density  window  gather  masked   -> rule picks
-    ring     32   0.50     0.78    1.35    1.42     window (limit 0.5)
-    ring     64   0.25     0.30    0.42    1.35     window
-    ring     128  0.50     0.70    0.81    1.41     window (limit 0.75)
-    random   32   0.50     -       1.27    1.37     masked (limit 0.25: gather won by 7%,
-                                                    within noise, and lost with 2 threads)
-    random   64   0.25     -       0.45    1.35     gather
-    random   64   0.125    -       0.25    1.36     gather
-    random   128  0.50     -       0.77    1.36     gather (limit 0.5)
+    pattern  s    density  block path (b 256)  masked (b 256)  block / masked (b 2048)
+    ring     32   0.75     window 1.17 / 1.20  1.31 / 1.36     1.11 / 1.06    -> masked
+    ring     64   0.75     window 1.19 / 1.14  1.36 / 1.35     1.08 / 1.07    -> window
+    random   32   0.50     gather 0.89 / 1.19  1.31 / 1.33     1.23 / 1.03    -> masked
+    random   64   0.50     gather 0.79 / 0.87  1.32 / 1.35     0.92 / 1.12    -> gather
+    random   64   0.75     gather 1.31 / 1.24  1.34 / 1.40     1.42 / 1.04    -> masked
+    random   128  0.75     gather 1.14 / 1.02  1.31 / 1.37     1.05-1.12 / 1.04-1.06 -> masked
 
-The thresholds measured before (0.75 window at 64+, gather losing at 0.5 below 128 units at
-batch 2048) still hold, so the limits are unchanged. With 2 threads on the loaded machine the
-gather path lost to masked at blocks of 64 (1.3-2.0x masked, thread contention; sparse_t2.md);
-that run is not used for the rule.
+A limit is raised only where the block path wins at both batch sizes: the gather path now
+runs blocks of 64 up to density 0.5 (it was 0.25; on the AMD machine of 2 Dec, with the old
+kernel, it lost there at batch 2048). Window at blocks of 32 and gather at blocks of 128, both
+at density 0.75, win by 12-25% at batch 256 and lose by up to 6% at batch 2048, so those
+limits stay. Below every limit the block path won in every cell measured, or tied within 1%
+(window at blocks of 64, density 0.75, batch 2048: 1.08 against 1.07).
 
 Shape legend: ``g`` ensembles (blocks) per side, ``s`` block size, ``k`` input blocks per
 output block.
@@ -153,7 +154,7 @@ def _density_limit(path: str, s: int) -> float:
     masked-dense in the benchmark (module docstring)."""
     if path == "block-window":
         return 0.75 if s >= 64 else 0.5
-    return 0.5 if s >= 128 else 0.25  # block-gather
+    return 0.5 if s >= 64 else 0.25  # block-gather
 
 
 def checked_path(wiring: Wiring, path: str) -> str:
