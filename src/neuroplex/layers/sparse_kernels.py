@@ -97,8 +97,8 @@ def _cyclic_windows(t: Tensor, k: int, s: int, first: int):
 def _row_chunks(b: int, rows: int):
     """Slices of ``rows`` batch rows covering ``range(b)``; one (empty) slice when ``b == 0``,
     so a sum over the chunks is still written, as zeros."""
-    for r0 in range(0, max(b, 1), rows):
-        yield slice(r0, r0 + rows)
+    for r0, r1 in _spans(max(b, 1), rows):
+        yield slice(r0, r1)
 
 
 def _window_products(t: Tensor, weight: Tensor, k: int, s: int, first: int) -> Tensor:
